@@ -1,0 +1,245 @@
+"""Text in, MLM batches out: WordPiece tokenizer, corpus readers, token cache, dynamic masking.
+
+- `train_tokenizer` / `load_tokenizer`: a BERT WordPiece tokenizer (Wu et al. 2016; BERT 3)
+  built with Hugging Face `tokenizers` and saved as one `tokenizer.json`.
+- `read_wikipedia`, `read_gutenberg`, `read_id_text`: the corpora of data/README.md.
+- `tokenize_corpus`: a whole corpus as one flat token array, cached (memory-mapped numpy) in
+  data/cache/, with a held-out validation split by document.
+- `Blocks` and `mask_tokens`: fixed-length `[CLS] ... [SEP]` blocks and BERT's dynamic masking
+  (BERT 3.1: 15% of tokens; 80% -> [MASK], 10% -> random token, 10% unchanged).
+
+    tok = train_tokenizer(general_documents("data"), vocab_size=8192, path="out/tokenizer.json")
+    train, val = tokenize_corpus("general", general_documents("data"), tok, "data/cache")
+"""
+import glob
+import hashlib
+import html
+import os
+
+import numpy as np
+import torch
+from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+
+from .model import IGNORE_INDEX
+
+SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+PAD_ID, UNK_ID, CLS_ID, SEP_ID, MASK_ID = range(len(SPECIAL_TOKENS))  # [PAD] = 0 as in BERT
+NUM_SPECIAL = len(SPECIAL_TOKENS)  # ids below this are special: never masked, never a random replacement
+MIN_WIKI_WORDS = 20  # WikiExtractor leaves many title-only stubs; shorter articles are dropped
+GUTENBERG_DOC_LINES = 100  # a book is cut into documents of this many sentences (for the val split)
+
+
+# ---------------------------------------------------------------------------------- tokenizer
+
+def train_tokenizer(documents, vocab_size, path):
+    """Train a lower-casing BERT WordPiece tokenizer on an iterable of strings and save it."""
+    tok = Tokenizer(models.WordPiece(unk_token="[UNK]", max_input_chars_per_word=100))
+    tok.normalizer = normalizers.BertNormalizer(lowercase=True)
+    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    tok.decoder = decoders.WordPiece()
+    trainer = trainers.WordPieceTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS,
+                                        min_frequency=2, show_progress=False)
+    tok.train_from_iterator(documents, trainer)
+    tok.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1",
+        special_tokens=[("[CLS]", CLS_ID), ("[SEP]", SEP_ID)])
+    assert [tok.token_to_id(t) for t in SPECIAL_TOKENS] == list(range(NUM_SPECIAL))
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tok.save(path)
+    return tok
+
+
+def load_tokenizer(path):
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"no tokenizer at {path}: run train_general.py first")
+    tok = Tokenizer.from_file(path)
+    if [tok.token_to_id(t) for t in SPECIAL_TOKENS] != list(range(NUM_SPECIAL)):
+        raise ValueError(f"{path}: special tokens are not {SPECIAL_TOKENS} at ids 0..{NUM_SPECIAL - 1}")
+    return tok
+
+
+# ---------------------------------------------------------------------------------- corpus readers
+
+def read_wikipedia(path):
+    """Yield articles of a WikiExtractor file: text between `<doc ...>` and `</doc>`, title line dropped."""
+    lines, in_doc = [], False
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            line = line.strip()
+            if line.startswith("<doc "):
+                if in_doc:
+                    raise ValueError(f"{path}:{n}: <doc> opened before the previous one was closed")
+                lines, in_doc, title_pending = [], True, True
+            elif line == "</doc>":
+                if not in_doc:
+                    raise ValueError(f"{path}:{n}: </doc> without <doc>")
+                text = html.unescape(" ".join(lines))
+                if len(text.split()) >= MIN_WIKI_WORDS:
+                    yield text
+                in_doc = False
+            elif in_doc and line:
+                if title_pending:  # the first line repeats the title
+                    title_pending = False
+                else:
+                    lines.append(line)
+    if in_doc:
+        raise ValueError(f"{path}: file ends inside a <doc> block")
+
+
+def read_gutenberg(path):
+    """Yield a sentence-per-line book in documents of GUTENBERG_DOC_LINES sentences."""
+    with open(path, encoding="utf-8") as f:
+        lines = [line.strip() for line in f if line.strip()]
+    for i in range(0, len(lines), GUTENBERG_DOC_LINES):
+        yield " ".join(lines[i:i + GUTENBERG_DOC_LINES])
+
+
+def read_id_text(path):
+    """Yield the text of `ID<TAB>text` lines (the biomedical corpora: one document per line)."""
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            doc_id, sep, text = line.rstrip("\n").partition("\t")
+            if not sep or not text.strip():
+                raise ValueError(f"{path}:{n}: expected 'ID<TAB>text'")
+            yield text
+
+
+def corpus_files(data_dir, domain):
+    """The (reader, path) pairs of a domain's corpus: 'general' (Wikipedia + books) or 'bio' (PubMed)."""
+    patterns = {
+        "general": [(read_wikipedia, "general_wikipedia/wiki_*.txt"), (read_gutenberg, "general_gutenberg/*.txt")],
+        "bio": [(read_id_text, "biomed_evidence_inference/abstracts.txt"),
+                (read_id_text, "biomed_evidence_inference/fulltext_*.txt"),
+                (read_id_text, "biomed_abstracts_kddti/abstracts.txt")],
+    }[domain]
+    files = [(reader, p) for reader, pattern in patterns for p in sorted(glob.glob(os.path.join(data_dir, pattern)))]
+    if not files:
+        raise FileNotFoundError(f"no {domain} corpus under {data_dir}: run `python data/prepare.py` first")
+    return files
+
+
+def documents(files, max_docs=None):
+    """All documents of the given (reader, path) files, in order, optionally only the first max_docs."""
+    n = 0
+    for reader, path in files:
+        for doc in reader(path):
+            if max_docs is not None and n >= max_docs:
+                return
+            yield doc
+            n += 1
+
+
+# ---------------------------------------------------------------------------------- token cache
+
+def tokenize_corpus(name, files, tokenizer, cache_dir, max_docs=None, val_every=50):
+    """Tokenize a corpus into flat uint16/uint32 arrays (train, val), cached and memory-mapped.
+
+    Documents are joined with [SEP] (RoBERTa's FULL-SENTENCES packing); every `val_every`-th
+    document goes to the validation split, so no document is in both. The cache key covers the
+    tokenizer, the files (path, size, mtime) and these settings: change any and it is rebuilt.
+    """
+    key = hashlib.sha256(tokenizer.to_str().encode())
+    for _, path in files:
+        st = os.stat(path)
+        key.update(f"{os.path.abspath(path)}|{st.st_size}|{st.st_mtime_ns}".encode())
+    key.update(f"{max_docs}|{val_every}".encode())
+    stem = os.path.join(cache_dir, f"{name}-{key.hexdigest()[:16]}")
+    if os.path.exists(stem + ".val.npy"):  # written last, so its presence means the cache is complete
+        return np.load(stem + ".train.npy", mmap_mode="r"), np.load(stem + ".val.npy", mmap_mode="r")
+
+    dtype = np.uint16 if tokenizer.get_vocab_size() <= 2**16 else np.uint32
+    splits = {"train": [], "val": []}
+    batch = []
+
+    def flush():
+        for i, enc in enumerate(tokenizer.encode_batch(batch, add_special_tokens=False)):
+            split = "val" if (flush.n + i) % val_every == 0 else "train"
+            splits[split].append(np.asarray(enc.ids + [SEP_ID], dtype=dtype))
+        flush.n += len(batch)
+        batch.clear()
+    flush.n = 0
+    for doc in documents(files, max_docs):
+        batch.append(doc)
+        if len(batch) == 1000:
+            flush()
+    flush()
+    os.makedirs(cache_dir, exist_ok=True)
+    for split in ("train", "val"):  # atomic: write to a temporary name, then rename
+        arr = np.concatenate(splits[split]) if splits[split] else np.zeros(0, dtype)
+        with open(stem + f".{split}.tmp.npy", "wb") as f:
+            np.save(f, arr)
+        os.replace(stem + f".{split}.tmp.npy", stem + f".{split}.npy")
+    return np.load(stem + ".train.npy", mmap_mode="r"), np.load(stem + ".val.npy", mmap_mode="r")
+
+
+def unigram_entropy(tokens):
+    """Entropy in nats of the token distribution (special tokens excluded).
+
+    The cross-entropy of the best model that ignores context: an MLM that predicts the masked
+    token's corpus frequency reaches exactly this loss, so a model learns language only below it.
+    """
+    counts = np.bincount(np.asarray(tokens, dtype=np.int64))[NUM_SPECIAL:].astype(np.float64)
+    p = counts[counts > 0] / counts.sum()
+    return float(-(p * np.log(p)).sum())
+
+
+# ---------------------------------------------------------------------------------- MLM batches
+
+class Blocks:
+    """Fixed-length `[CLS] t_1 ... t_{T-2} [SEP]` blocks cut from a flat token array.
+
+    `batch(step)` is a pure function of the step (a seeded shuffle per epoch), so resuming at a
+    step reproduces the data order exactly. With `rank`/`world` each process takes its own
+    interleaved share of every global batch (distributed data parallel).
+    """
+
+    def __init__(self, tokens, seq_len, batch_size, seed=0, rank=0, world=1):
+        self.tokens, self.seq_len, self.seed = tokens, seq_len, seed
+        self.n_blocks = len(tokens) // (seq_len - 2)
+        assert batch_size % world == 0, f"batch size {batch_size} not divisible by {world} processes"
+        self.batch_size, self.rank, self.world = batch_size, rank, world
+        self.batches_per_epoch = self.n_blocks // batch_size
+        assert self.batches_per_epoch > 0, f"corpus of {len(tokens)} tokens < one batch of {batch_size} blocks"
+
+    def block(self, i):
+        body = np.asarray(self.tokens[i * (self.seq_len - 2):(i + 1) * (self.seq_len - 2)], dtype=np.int64)
+        return np.concatenate([[CLS_ID], body, [SEP_ID]])
+
+    def batch(self, step):
+        """(input_ids, attention_mask) of global step `step`, this rank's share: (B / world, T) each."""
+        epoch, i = divmod(step, self.batches_per_epoch)
+        order = np.random.default_rng([self.seed, epoch]).permutation(self.n_blocks)
+        ids = order[i * self.batch_size:(i + 1) * self.batch_size][self.rank::self.world]
+        x = torch.from_numpy(np.stack([self.block(j) for j in ids]))
+        return x, torch.ones_like(x)
+
+    def fixed_batches(self, n_batches):
+        """The first n_batches batches in corpus order (for evaluation: same blocks every time)."""
+        n = min(n_batches * self.batch_size, self.n_blocks)
+        for start in range(0, n, self.batch_size):
+            x = torch.from_numpy(np.stack([self.block(j) for j in range(start, min(start + self.batch_size, n))]))
+            yield x, torch.ones_like(x)
+
+
+def mask_tokens(input_ids, attention_mask, mlm_prob, vocab_size, generator=None):
+    """BERT 3.1 dynamic masking: returns (masked input_ids, labels).
+
+    Each real, non-special token is chosen with probability `mlm_prob`; of the chosen, 80% become
+    [MASK], 10% a random non-special token, 10% stay. Labels are the original ids at chosen
+    positions and IGNORE_INDEX elsewhere (padding and special tokens are never chosen).
+    """
+    def rand(*shape):
+        return torch.rand(shape, generator=generator)
+
+    can_mask = attention_mask.bool() & (input_ids >= NUM_SPECIAL)
+    chosen = (rand(*input_ids.shape) < mlm_prob) & can_mask
+    labels = torch.where(chosen, input_ids, torch.full_like(input_ids, IGNORE_INDEX))
+    r = rand(*input_ids.shape)
+    to_mask = chosen & (r < 0.8)
+    to_random = chosen & (r >= 0.8) & (r < 0.9)
+    random_ids = torch.randint(NUM_SPECIAL, vocab_size, input_ids.shape, generator=generator)
+    x = torch.where(to_mask, torch.full_like(input_ids, MASK_ID), input_ids)
+    x = torch.where(to_random, random_ids, x)
+    return x, labels

@@ -1,0 +1,323 @@
+"""A hand-written BERT encoder with masked-LM, token- and sequence-classification heads.
+
+Implements BERT as in Devlin et al. 2019 ("BERT: Pre-training of Deep Bidirectional
+Transformers", section 3 and appendix A) and as released in google-research/bert:
+learned position embeddings, token-type embeddings, post-LayerNorm residual blocks,
+exact GELU, LayerNorm eps 1e-12, and an MLM decoder tied to the word embeddings.
+
+    from tiny_sparse_bert.model import BertConfig, BertForMaskedLM
+    model = BertForMaskedLM(BertConfig(vocab_size=8192))
+    logits, loss = model(input_ids, attention_mask, labels=labels)
+
+`save_hf` / `load_hf` convert to and from Hugging Face's BERT layout (config.json and a
+state dict with HF's key names) without depending on `transformers`.
+
+Shape legend used in comments throughout the package:
+    B batch size, T tokens per sequence, C hidden size (H), nh heads (A), hs head size (C // nh),
+    V vocabulary size, N number of selected (masked) positions.
+"""
+import json
+import os
+from dataclasses import dataclass, fields
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+IGNORE_INDEX = -100  # label of positions that carry no loss (PyTorch's cross_entropy default)
+
+
+@dataclass
+class BertConfig:
+    vocab_size: int = 8192          # WordPiece vocabulary size V
+    n_layer: int = 4                # number of encoder layers (paper: L)
+    hidden: int = 256               # hidden size C (paper: H)
+    n_head: int = 4                 # attention heads (paper: A)
+    intermediate: int = 1024        # feed-forward inner size (paper: 4H)
+    max_position: int = 512         # learned position embeddings
+    type_vocab_size: int = 2        # token types (segment A / B)
+    dropout: float = 0.1            # hidden and attention-probability dropout
+    layer_norm_eps: float = 1e-12   # as in google-research/bert
+    initializer_range: float = 0.02 # std of the truncated-normal init in BERT
+    pre_norm: bool = False          # NOTE(deviation, off by default): LayerNorm before each block
+
+    @classmethod
+    def from_dict(cls, d):
+        known = {f.name for f in fields(cls)}
+        unknown = set(d) - known
+        assert not unknown, f"unknown BertConfig fields {sorted(unknown)}"
+        return cls(**d)
+
+
+class Embeddings(nn.Module):
+    """word + learned position + token type, then LayerNorm and dropout (BERT 3, fig. 2)."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.word = nn.Embedding(config.vocab_size, config.hidden)
+        self.position = nn.Embedding(config.max_position, config.hidden)
+        self.token_type = nn.Embedding(config.type_vocab_size, config.hidden)
+        self.norm = nn.LayerNorm(config.hidden, eps=config.layer_norm_eps)
+        self.drop = nn.Dropout(config.dropout)
+        self.pre_norm = config.pre_norm
+
+    def forward(self, input_ids, token_type_ids):
+        T = input_ids.size(1)
+        assert T <= self.position.num_embeddings, f"sequence of {T} tokens > max_position"
+        positions = torch.arange(T, device=input_ids.device)
+        x = self.word(input_ids) + self.position(positions) + self.token_type(token_type_ids)  # (B, T, C)
+        # with pre-LN every block normalises its own input, so the sum goes in as is
+        return self.drop(x if self.pre_norm else self.norm(x))
+
+
+class Layer(nn.Module):
+    """One encoder layer: self-attention and feed-forward, each wrapped in a residual + LayerNorm.
+
+    The six Linear weights below (query, key, value, attn_out, inter, out) are what pruning.py prunes.
+    """
+
+    def __init__(self, config):
+        super().__init__()
+        C = config.hidden
+        assert C % config.n_head == 0, "hidden size must be divisible by the number of heads"
+        self.n_head = config.n_head
+        self.query = nn.Linear(C, C)
+        self.key = nn.Linear(C, C)
+        self.value = nn.Linear(C, C)
+        self.attn_out = nn.Linear(C, C)
+        self.attn_norm = nn.LayerNorm(C, eps=config.layer_norm_eps)
+        self.inter = nn.Linear(C, config.intermediate)
+        self.out = nn.Linear(config.intermediate, C)
+        self.out_norm = nn.LayerNorm(C, eps=config.layer_norm_eps)
+        self.drop = nn.Dropout(config.dropout)
+        self.attn_dropout = config.dropout
+        self.pre_norm = config.pre_norm
+
+    def attention(self, x, attn_mask):
+        B, T, C = x.shape
+        # (B, T, C) -> (B, nh, T, hs)
+        q, k, v = (lin(x).view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
+                   for lin in (self.query, self.key, self.value))
+        p = self.attn_dropout if self.training else 0.0
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=p)  # (B, nh, T, hs)
+        return self.attn_out(y.transpose(1, 2).reshape(B, T, C))
+
+    def feed_forward(self, x):
+        return self.out(F.gelu(self.inter(x)))  # exact (erf) GELU, as in BERT
+
+    def forward(self, x, attn_mask):
+        if self.pre_norm:  # x + f(LN(x)) (Xiong et al. 2020)
+            x = x + self.drop(self.attention(self.attn_norm(x), attn_mask))
+            return x + self.drop(self.feed_forward(self.out_norm(x)))
+        x = self.attn_norm(x + self.drop(self.attention(x, attn_mask)))  # LN(x + f(x)), BERT
+        return self.out_norm(x + self.drop(self.feed_forward(x)))
+
+
+class BertModel(nn.Module):
+    """Embeddings followed by the stack of encoder layers; returns hidden states (B, T, C)."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.config = config
+        self.emb = Embeddings(config)
+        self.layers = nn.ModuleList(Layer(config) for _ in range(config.n_layer))
+        # pre-LN needs a final LayerNorm, post-LN ends in one already
+        self.final_norm = nn.LayerNorm(config.hidden, eps=config.layer_norm_eps) if config.pre_norm else None
+
+    def forward(self, input_ids, attention_mask=None, token_type_ids=None):
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        if token_type_ids is None:
+            token_type_ids = torch.zeros_like(input_ids)
+        # padding comes from the attention mask, never from the token ids
+        attn_mask = attention_mask.bool()[:, None, None, :]  # (B, 1, 1, T): True = may attend
+        x = self.emb(input_ids, token_type_ids)
+        for layer in self.layers:
+            x = layer(x, attn_mask)
+        return self.final_norm(x) if self.final_norm is not None else x
+
+
+def init_weights(module, std):
+    """BERT's initialisation: N(0, 0.02) for Linear and Embedding weights, zero biases, unit LayerNorm."""
+    for m in module.modules():
+        if isinstance(m, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(m.weight, mean=0.0, std=std)
+        if isinstance(m, nn.Linear) and m.bias is not None:
+            nn.init.zeros_(m.bias)
+        if isinstance(m, nn.LayerNorm):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+
+
+class BertForMaskedLM(nn.Module):
+    """BERT with the MLM head: Linear + GELU + LayerNorm, then the tied word-embedding decoder."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.config = config
+        self.bert = BertModel(config)
+        self.transform = nn.Linear(config.hidden, config.hidden)
+        self.transform_norm = nn.LayerNorm(config.hidden, eps=config.layer_norm_eps)
+        self.decoder_bias = nn.Parameter(torch.zeros(config.vocab_size))  # own bias, tied weight
+        init_weights(self, config.initializer_range)
+
+    def forward(self, input_ids, attention_mask=None, token_type_ids=None, labels=None):
+        x = self.bert(input_ids, attention_mask, token_type_ids)  # (B, T, C)
+        if labels is not None:
+            # only ~15% of positions carry a label: project just those onto the vocabulary,
+            # the projection being most of a small model's cost
+            selected = labels != IGNORE_INDEX
+            x, labels = x[selected], labels[selected]  # (N, C), (N,)
+        x = self.transform_norm(F.gelu(self.transform(x)))
+        logits = F.linear(x, self.bert.emb.word.weight, self.decoder_bias)  # (N, V) or (B, T, V)
+        loss = F.cross_entropy(logits, labels) if labels is not None else None
+        return logits, loss
+
+
+class BertForTokenClassification(nn.Module):
+    """BERT with a per-token linear classifier (NER, BERT 4.3)."""
+
+    def __init__(self, config, num_labels):
+        super().__init__()
+        self.config, self.num_labels = config, num_labels
+        self.bert = BertModel(config)
+        self.drop = nn.Dropout(config.dropout)
+        self.classifier = nn.Linear(config.hidden, num_labels)
+        init_weights(self, config.initializer_range)
+
+    def forward(self, input_ids, attention_mask=None, token_type_ids=None, labels=None):
+        logits = self.classifier(self.drop(self.bert(input_ids, attention_mask, token_type_ids)))  # (B, T, K)
+        loss = None
+        if labels is not None:  # padding and non-first word pieces carry IGNORE_INDEX
+            loss = F.cross_entropy(logits.view(-1, self.num_labels), labels.view(-1), ignore_index=IGNORE_INDEX)
+        return logits, loss
+
+
+class BertForSequenceClassification(nn.Module):
+    """BERT with a tanh pooler over [CLS] and a linear classifier (BERT 4.1).
+
+    multi_label=True trains one sigmoid per label (labels are a float 0/1 matrix (B, K)).
+    """
+
+    def __init__(self, config, num_labels, multi_label=False):
+        super().__init__()
+        self.config, self.num_labels, self.multi_label = config, num_labels, multi_label
+        self.bert = BertModel(config)
+        self.pooler = nn.Linear(config.hidden, config.hidden)
+        self.drop = nn.Dropout(config.dropout)
+        self.classifier = nn.Linear(config.hidden, num_labels)
+        init_weights(self, config.initializer_range)
+
+    def forward(self, input_ids, attention_mask=None, token_type_ids=None, labels=None):
+        x = self.bert(input_ids, attention_mask, token_type_ids)
+        pooled = torch.tanh(self.pooler(x[:, 0]))  # (B, C): the [CLS] position
+        logits = self.classifier(self.drop(pooled))  # (B, K)
+        loss = None
+        if labels is not None:
+            loss = (F.binary_cross_entropy_with_logits(logits, labels.float()) if self.multi_label
+                    else F.cross_entropy(logits, labels))
+        return logits, loss
+
+
+# ----------------------------------------------------------------------------------------------
+# Hugging Face interchange: config.json with HF's field names, state dict with HF's key names.
+
+HF_CONFIG_NAMES = {  # ours -> transformers.BertConfig
+    "vocab_size": "vocab_size", "n_layer": "num_hidden_layers", "hidden": "hidden_size",
+    "n_head": "num_attention_heads", "intermediate": "intermediate_size",
+    "max_position": "max_position_embeddings", "type_vocab_size": "type_vocab_size",
+    "dropout": "hidden_dropout_prob", "layer_norm_eps": "layer_norm_eps",
+    "initializer_range": "initializer_range",
+}
+HF_LAYER_NAMES = {  # our module in Layer -> HF's module in bert.encoder.layer.{i}
+    "query": "attention.self.query", "key": "attention.self.key", "value": "attention.self.value",
+    "attn_out": "attention.output.dense", "attn_norm": "attention.output.LayerNorm",
+    "inter": "intermediate.dense", "out": "output.dense", "out_norm": "output.LayerNorm",
+}
+HF_OTHER_NAMES = {  # our module in BertForMaskedLM -> HF's module in transformers.BertForMaskedLM
+    "bert.emb.word": "bert.embeddings.word_embeddings",
+    "bert.emb.position": "bert.embeddings.position_embeddings",
+    "bert.emb.token_type": "bert.embeddings.token_type_embeddings",
+    "bert.emb.norm": "bert.embeddings.LayerNorm",
+    "transform": "cls.predictions.transform.dense",
+    "transform_norm": "cls.predictions.transform.LayerNorm",
+}
+
+
+def hf_key_names(config):
+    """Map every key of our BertForMaskedLM state dict to its name in HF's layout."""
+    names = {"decoder_bias": "cls.predictions.bias"}
+    modules = dict(HF_OTHER_NAMES)
+    for i in range(config.n_layer):
+        for ours, theirs in HF_LAYER_NAMES.items():
+            modules[f"bert.layers.{i}.{ours}"] = f"bert.encoder.layer.{i}.{theirs}"
+    for ours, theirs in modules.items():
+        names[f"{ours}.weight"] = f"{theirs}.weight"
+        if not ours.startswith("bert.emb.") or ours == "bert.emb.norm":
+            names[f"{ours}.bias"] = f"{theirs}.bias"
+    return names
+
+
+def save_hf(model, directory):
+    """Write `config.json` and `pytorch_model.bin` loadable by transformers.BertForMaskedLM."""
+    config = model.config
+    if config.pre_norm:
+        raise ValueError("a pre-LayerNorm model has no Hugging Face BERT equivalent; train with pre_norm=False")
+    os.makedirs(directory, exist_ok=True)
+    hf_config = {theirs: getattr(config, ours) for ours, theirs in HF_CONFIG_NAMES.items()}
+    hf_config.update(architectures=["BertForMaskedLM"], model_type="bert", hidden_act="gelu",
+                     attention_probs_dropout_prob=config.dropout, pad_token_id=0,
+                     position_embedding_type="absolute", tie_word_embeddings=True)
+    with open(os.path.join(directory, "config.json"), "w") as f:
+        json.dump(hf_config, f, indent=2)
+    names = hf_key_names(config)
+    state = {names[k]: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    state["cls.predictions.decoder.weight"] = state["bert.embeddings.word_embeddings.weight"]  # tied
+    state["cls.predictions.decoder.bias"] = state["cls.predictions.bias"]
+    torch.save(state, os.path.join(directory, "pytorch_model.bin"))
+
+
+def read_safetensors(path):
+    """Minimal reader of the safetensors format (8-byte header size, JSON header, raw tensors)."""
+    dtypes = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "I64": torch.int64}
+    with open(path, "rb") as f:
+        n = int.from_bytes(f.read(8), "little")
+        header, data = json.loads(f.read(n)), f.read()
+    state = {}
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        start, end = info["data_offsets"]
+        t = torch.frombuffer(bytearray(data[start:end]), dtype=dtypes[info["dtype"]]) if end > start \
+            else torch.empty(0, dtype=dtypes[info["dtype"]])
+        state[name] = t.reshape(info["shape"]).float()
+    return state
+
+
+def load_hf(directory):
+    """Read a Hugging Face BERT directory (ours or one written by transformers) into BertForMaskedLM."""
+    with open(os.path.join(directory, "config.json")) as f:
+        hf_config = json.load(f)
+    if hf_config.get("hidden_act", "gelu") != "gelu":
+        raise ValueError(f"{directory}: hidden_act {hf_config['hidden_act']!r} is not BERT's exact gelu")
+    config = BertConfig(**{ours: hf_config[theirs] for ours, theirs in HF_CONFIG_NAMES.items()})
+    bin_path, st_path = os.path.join(directory, "pytorch_model.bin"), os.path.join(directory, "model.safetensors")
+    if os.path.exists(st_path):
+        state = read_safetensors(st_path)
+    elif os.path.exists(bin_path):
+        state = torch.load(bin_path, map_location="cpu", weights_only=True)
+    else:
+        raise FileNotFoundError(f"{directory}: neither model.safetensors nor pytorch_model.bin")
+    model = BertForMaskedLM(config)
+    ours = {}
+    for our_key, hf_key in hf_key_names(config).items():
+        if hf_key not in state:
+            raise KeyError(f"{directory}: missing {hf_key} (not a BERT masked-LM checkpoint?)")
+        ours[our_key] = state[hf_key]
+    model.load_state_dict(ours)
+    return model
+
+
+def count_parameters(model):
+    """Number of distinct parameters (the tied decoder weight counted once)."""
+    return sum(p.numel() for p in model.parameters())

@@ -1,0 +1,150 @@
+"""Gradual magnitude pruning (GMP) with the cubic sparsity schedule, and frozen masks.
+
+Zhu & Gupta 2017, "To prune, or not to prune", section 3: every `prune_every` steps between
+`begin_step` and `end_step`, the weights of smallest magnitude are set to zero until each
+prunable tensor reaches the scheduled sparsity; pruned weights stay zero (the masks only grow).
+Sparse*BERT (Campos et al. 2022, section 3) applies this to BERT's encoder during MLM
+pretraining, then keeps the mask fixed for domain-adaptive pretraining and fine-tuning.
+
+    pruner = MagnitudePruner(model, final_sparsity=0.9, begin_step=0, end_step=3000)
+    for step in range(steps):
+        pruner.update(step)     # recompute masks when the schedule says so
+        loss.backward(); optimizer.step()
+        pruner.apply()          # re-zero pruned weights (Adam moments and weight decay move them)
+
+    frozen = MagnitudePruner.from_sparse_model(model)   # masks = (weight != 0), never updated
+
+Sparsity is always the absolute fraction of zeros in a tensor.
+"""
+import torch
+
+# The prunable weights: the six Linear weights of every encoder layer (attention query, key,
+# value and output; feed-forward intermediate and output), as in Neural Magic's BERT recipes and
+# Sparse*BERT. Embeddings, biases, LayerNorms, the pooler and the task heads stay dense.
+PRUNABLE_MODULES = ("query", "key", "value", "attn_out", "inter", "out")
+
+
+def prunable_parameters(model):
+    """{name: weight} of the encoder Linear weights named in PRUNABLE_MODULES, in model order."""
+    return {name: p for name, p in model.named_parameters()
+            if ".layers." in name and name.endswith(".weight") and name.split(".")[-2] in PRUNABLE_MODULES}
+
+
+def cubic_sparsity(step, initial_sparsity, final_sparsity, begin_step, end_step):
+    """Zhu & Gupta 2017, eq. 1: the target sparsity at `step`.
+
+        s_t = s_f + (s_i - s_f) * (1 - (t - t_0) / (t_1 - t_0))**3     for t_0 <= t <= t_1
+
+    constant s_i before t_0 and s_f after t_1. The cube prunes fast while there are many
+    redundant weights and slowly near the end, when each weight matters more.
+    """
+    if step <= begin_step:
+        return initial_sparsity
+    if step >= end_step:
+        return final_sparsity
+    progress = (step - begin_step) / (end_step - begin_step)
+    return final_sparsity + (initial_sparsity - final_sparsity) * (1.0 - progress) ** 3
+
+
+def score(weight):
+    """Importance of each weight; the smallest are pruned. Swap this line to try another score."""
+    return weight.abs()
+
+
+def smallest_k_mask(scores, k):
+    """Boolean mask (True = keep) that drops exactly the k lowest scores.
+
+    Ties are broken deterministically by position (a stable sort), so equal scores, such as
+    already-pruned zeros, are always dropped in the same order.
+    """
+    mask = torch.ones(scores.numel(), dtype=torch.bool, device=scores.device)
+    if k > 0:
+        mask[torch.sort(scores.flatten(), stable=True).indices[:k]] = False
+    return mask.view_as(scores)
+
+
+class MagnitudePruner:
+    """Boolean masks (True = kept) for the prunable weights of a model, updated on a cubic schedule."""
+
+    def __init__(self, model, final_sparsity=0.9, begin_step=0, end_step=1000, prune_every=100,
+                 initial_sparsity=0.0, global_=False):
+        self.params = prunable_parameters(model)
+        assert self.params, "model has no prunable encoder Linear weights"
+        self.final_sparsity, self.initial_sparsity = final_sparsity, initial_sparsity
+        self.begin_step, self.end_step, self.prune_every = begin_step, end_step, prune_every
+        self.global_ = global_
+        self.frozen = False
+        self.current_target = initial_sparsity  # the sparsity of the last mask update
+        self.masks = {name: torch.ones_like(p, dtype=torch.bool) for name, p in self.params.items()}
+
+    @classmethod
+    def from_sparse_model(cls, model):
+        """Frozen masks from a model that is already sparse: keep exactly the non-zero weights."""
+        pruner = cls(model)
+        pruner.masks = {name: p.detach() != 0 for name, p in pruner.params.items()}
+        pruner.frozen = True
+        return pruner
+
+    def target(self, step):
+        return cubic_sparsity(step, self.initial_sparsity, self.final_sparsity, self.begin_step, self.end_step)
+
+    def should_update(self, step):
+        return (not self.frozen and self.begin_step <= step <= self.end_step
+                and ((step - self.begin_step) % self.prune_every == 0 or step == self.end_step))
+
+    @torch.no_grad()
+    def update(self, step):
+        """Recompute the masks from the scores if the schedule prunes at `step`; then apply them."""
+        if not self.should_update(step):
+            return False
+        s = self.current_target = self.target(step)
+        # a pruned weight is zero, so it scores lowest and stays pruned: the masks only grow
+        if self.global_:
+            scores = torch.cat([score(p).flatten() for p in self.params.values()])
+            keep = smallest_k_mask(scores, round(s * scores.numel())).split(
+                [p.numel() for p in self.params.values()])
+            for (name, p), m in zip(self.params.items(), keep):
+                self.masks[name] = m.view_as(p)
+        else:
+            for name, p in self.params.items():
+                self.masks[name] = smallest_k_mask(score(p), round(s * p.numel()))
+        self.apply()
+        return True
+
+    @torch.no_grad()
+    def apply(self):
+        """Zero the pruned weights in place; call right after every optimizer.step()."""
+        for name, p in self.params.items():
+            p.mul_(self.masks[name])
+
+    def sparsity(self):
+        """Fraction of zeros over all prunable weights (measured on the weights, not the masks)."""
+        zeros = sum(int((p == 0).sum()) for p in self.params.values())
+        return zeros / sum(p.numel() for p in self.params.values())
+
+    def sparsity_report(self, model):
+        """A printable table: zeros per layer and module, over prunable weights and all parameters."""
+        lines = [f"{'weight':28s} {'shape':>12s} {'sparsity':>9s}"]
+        for name, p in self.params.items():
+            shape = "x".join(map(str, p.shape))
+            lines.append(f"{name:28s} {shape:>12s} {float((p == 0).float().mean()):9.1%}")
+        n_prunable = sum(p.numel() for p in self.params.values())
+        zeros = sum(int((p == 0).sum()) for p in self.params.values())
+        n_total = sum(p.numel() for p in model.parameters())
+        lines.append(f"prunable weights: {n_prunable:,} of {n_total:,} parameters; "
+                     f"{zeros / n_prunable:.1%} of prunable and {zeros / n_total:.1%} of all parameters are zero; "
+                     f"{n_total - zeros:,} non-zero")
+        return "\n".join(lines)
+
+    def state_dict(self):
+        return {"masks": dict(self.masks), "frozen": self.frozen, "final_sparsity": self.final_sparsity,
+                "initial_sparsity": self.initial_sparsity, "begin_step": self.begin_step,
+                "end_step": self.end_step, "prune_every": self.prune_every, "global_": self.global_}
+
+    def load_state_dict(self, state):
+        masks = state["masks"]
+        if set(masks) != set(self.params) or any(masks[n].shape != p.shape for n, p in self.params.items()):
+            raise ValueError("pruning masks do not match this model's prunable weights (checkpoint of another config?)")
+        for key in ("frozen", "final_sparsity", "initial_sparsity", "begin_step", "end_step", "prune_every", "global_"):
+            setattr(self, key, state[key])
+        self.masks = {n: m.to(device=self.params[n].device, dtype=torch.bool) for n, m in masks.items()}

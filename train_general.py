@@ -1,0 +1,189 @@
+"""Step 1 of 3: pretrain a small BERT on general English with MLM, then prune it with GMP.
+
+Sparse*BERT (Campos et al. 2022, section 3): a BERT model pruned with gradual magnitude pruning
+(Zhu & Gupta 2017) during general-domain masked-language-model pretraining. Here:
+
+    phase 1  dense MLM pretraining from scratch (our stand-in for Google's BERT) -> out/general-dense/
+    phase 2  GMP from that model, cubic schedule to --final-sparsity (0.9)      -> out/general-sparse90/
+
+    python train_general.py                  # laptop-CPU default (see README for time and results)
+    python train_general.py --preset tiny    # seconds, for tests
+    python train_general.py --help           # every knob
+    python train_general.py --resume         # continue after Ctrl-C (finished phases are kept)
+
+Run it cell by cell (`# %%`) in an editor, or top to bottom.
+"""
+# %% 1) config
+import os
+import time
+from dataclasses import asdict, dataclass
+
+import torch
+
+from tiny_sparse_bert.data import (Blocks, corpus_files, load_tokenizer, tokenize_corpus, train_tokenizer,
+                                   documents)
+from tiny_sparse_bert.model import BertConfig, BertForMaskedLM, count_parameters
+from tiny_sparse_bert.pruning import MagnitudePruner
+from tiny_sparse_bert.train import (evaluate_mlm, load_checkpoint, make_optimizer, mlm_batch, parse_config,
+                                    pick_device, check_same_config, save_run_files, train, unigram_log_probs)
+
+
+@dataclass
+class Config:
+    data: str = "data"             # prepared corpora (python data/prepare.py)
+    out: str = "out"               # writes out/tokenizer.json, out/general-dense/, out/general-sparse90/
+    max_docs: int = 0              # use only the first N documents of each corpus (0 = all)
+    # model: BertConfig (paper names L = n_layer, H = hidden, A = n_head)
+    vocab_size: int = 8192
+    n_layer: int = 4
+    hidden: int = 256
+    n_head: int = 4
+    intermediate: int = 1024
+    dropout: float = 0.1
+    pre_norm: bool = False
+    # masked-language-model data
+    seq_len: int = 128
+    batch_size: int = 32
+    mlm_prob: float = 0.15         # BERT 3.1
+    # phase 1: dense pretraining
+    dense_steps: int = 2000
+    lr: float = 1e-3
+    warmup: float = 0.06           # fraction of a phase's steps spent warming up the learning rate
+    weight_decay: float = 0.01
+    # phase 2: gradual magnitude pruning (Zhu & Gupta 2017)
+    prune_steps: int = 1500
+    prune_lr: float = 5e-4
+    final_sparsity: float = 0.9
+    prune_begin: float = 0.0       # fraction of phase 2 where pruning starts ...
+    prune_end: float = 0.7         # ... and where it reaches final_sparsity (the rest recovers)
+    prune_every: int = 50          # steps between mask updates
+    global_pruning: bool = False   # one magnitude threshold across all layers instead of per tensor
+    distill: float = 0.0           # weight of the KL to the dense model during pruning (0 = off)
+    distill_temperature: float = 2.0
+    # bookkeeping
+    eval_batches: int = 20         # held-out batches per evaluation
+    eval_every: int = 500
+    log_every: int = 50
+    ckpt_every: int = 250
+    seed: int = 0
+    device: str = "auto"           # auto | cpu | cuda
+    resume: bool = False
+
+
+PRESETS = {
+    "default": {},
+    "tiny": dict(max_docs=300, vocab_size=1000, n_layer=2, hidden=64, n_head=2, intermediate=128, seq_len=64,
+                 batch_size=8, dense_steps=30, prune_steps=30, prune_every=5, eval_batches=2, eval_every=0,
+                 log_every=10, ckpt_every=10),
+    "gpu": dict(n_layer=6, hidden=512, n_head=8, intermediate=2048, batch_size=128, dense_steps=6000,
+                prune_steps=4000, eval_every=1000),
+}
+
+preset, cfg = parse_config(Config, PRESETS, __doc__.splitlines()[0])
+print(f"config (preset {preset}): {asdict(cfg)}")
+torch.manual_seed(cfg.seed)
+device = pick_device(cfg.device)
+sparse_name = f"general-sparse{round(cfg.final_sparsity * 100)}"
+dense_dir, sparse_dir = os.path.join(cfg.out, "general-dense"), os.path.join(cfg.out, sparse_name)
+t_start = time.time()
+
+# %% 2) data: WordPiece tokenizer on the general corpus, then one cached token array per corpus
+general_files = corpus_files(cfg.data, "general")
+tokenizer_path = os.path.join(cfg.out, "tokenizer.json")
+if not os.path.exists(tokenizer_path):
+    print(f"training a {cfg.vocab_size}-token WordPiece tokenizer -> {tokenizer_path}")
+    train_tokenizer(documents(general_files, cfg.max_docs or None), cfg.vocab_size, tokenizer_path)
+tokenizer = load_tokenizer(tokenizer_path)
+if tokenizer.get_vocab_size() != cfg.vocab_size:
+    raise SystemExit(f"error: {tokenizer_path} has {tokenizer.get_vocab_size()} tokens, config asks for "
+                     f"{cfg.vocab_size}; delete it or use another --out")
+cache = os.path.join(cfg.data, "cache")
+general_train, general_val = tokenize_corpus("general", general_files, tokenizer, cache, cfg.max_docs or None)
+_, bio_val = tokenize_corpus("bio", corpus_files(cfg.data, "bio"), tokenizer, cache, cfg.max_docs or None)
+print(f"general corpus: {len(general_train):,} training and {len(general_val):,} held-out tokens")
+blocks = Blocks(general_train, cfg.seq_len, cfg.batch_size, seed=cfg.seed)
+unigram = unigram_log_probs(general_train, cfg.vocab_size)
+held_out = {"general": Blocks(general_val, cfg.seq_len, cfg.batch_size),
+            "bio": Blocks(bio_val, cfg.seq_len, cfg.batch_size)}
+
+
+def evaluate(model, domain="general"):
+    r = evaluate_mlm(model, held_out[domain], unigram, cfg.eval_batches, cfg.mlm_prob, device=device)
+    return f"{domain} MLM loss {r['loss']:.3f} (unigram {r['unigram']:.3f}) acc {r['acc']:.1%}"
+
+
+def batch_fn(step):
+    return mlm_batch(blocks, step, cfg.mlm_prob, cfg.vocab_size, cfg.seed)
+
+
+# %% 3) model
+model_config = BertConfig(vocab_size=cfg.vocab_size, n_layer=cfg.n_layer, hidden=cfg.hidden, n_head=cfg.n_head,
+                          intermediate=cfg.intermediate, max_position=max(512, cfg.seq_len),
+                          dropout=cfg.dropout, pre_norm=cfg.pre_norm)
+model = BertForMaskedLM(model_config).to(device)
+print(f"model: {count_parameters(model):,} parameters; {model_config}")
+state = dict(model_config=asdict(model_config), run_config=asdict(cfg), tokenizer="tokenizer.json")
+
+
+def restore(path, model, optimizer, pruner=None):
+    """With --resume, load a phase's checkpoint into model/optimizer/pruner; return the step to start at."""
+    if not (cfg.resume and os.path.exists(path)):
+        return 0
+    ckpt = load_checkpoint(path)
+    check_same_config(ckpt, asdict(model_config), path)
+    model.load_state_dict(ckpt["model"])
+    optimizer.load_state_dict(ckpt["optimizer"])
+    if pruner:
+        pruner.load_state_dict(ckpt["pruner"])
+    torch.set_rng_state(ckpt["rng"])
+    print(f"resuming {path} at step {ckpt['step']}")
+    return ckpt["step"]
+
+
+# %% 4) phase 1: dense MLM pretraining from scratch
+print(f"\nphase 1: dense MLM, {cfg.dense_steps} steps of {cfg.batch_size} x {cfg.seq_len} tokens, lr {cfg.lr}")
+optimizer = make_optimizer(model, cfg.lr, cfg.weight_decay)
+start = restore(os.path.join(dense_dir, "ckpt.pt"), model, optimizer)
+t_phase = time.time()
+train(model, optimizer, batch_fn, cfg.dense_steps, peak_lr=cfg.lr, warmup_steps=int(cfg.warmup * cfg.dense_steps),
+      ckpt_path=os.path.join(dense_dir, "ckpt.pt"), extra_state=dict(state, phase="dense"), start_step=start,
+      eval_fn=lambda: evaluate(model), eval_every=cfg.eval_every, log_every=cfg.log_every,
+      ckpt_every=cfg.ckpt_every, device=device)
+dense_minutes = (time.time() - t_phase) / 60
+save_run_files(dense_dir, tokenizer, cfg)
+dense_eval = {d: evaluate(model, d) for d in held_out}
+print(f"dense model after {dense_minutes:.1f} min: {dense_eval['general']}")
+
+# %% 5) phase 2: gradual magnitude pruning to final_sparsity, starting from the dense model
+teacher = None
+if cfg.distill > 0:  # the dense model, frozen, as a teacher for the soft targets
+    teacher = BertForMaskedLM(model_config).to(device).eval()
+    teacher.load_state_dict(model.state_dict())
+    teacher.requires_grad_(False)
+begin, end = int(cfg.prune_begin * cfg.prune_steps), int(cfg.prune_end * cfg.prune_steps)
+pruner = MagnitudePruner(model, cfg.final_sparsity, begin, end, cfg.prune_every, global_=cfg.global_pruning)
+print(f"\nphase 2: GMP to {cfg.final_sparsity:.0%} sparsity, cubic schedule over steps {begin}-{end} of "
+      f"{cfg.prune_steps}, masks updated every {cfg.prune_every} steps, lr {cfg.prune_lr}"
+      + (f", distillation weight {cfg.distill}" if teacher else ""))
+optimizer = make_optimizer(model, cfg.prune_lr, cfg.weight_decay)
+start = restore(os.path.join(sparse_dir, "ckpt.pt"), model, optimizer, pruner)
+t_phase = time.time()
+train(model, optimizer, batch_fn, cfg.prune_steps, peak_lr=cfg.prune_lr,
+      warmup_steps=int(cfg.warmup * cfg.prune_steps), ckpt_path=os.path.join(sparse_dir, "ckpt.pt"),
+      extra_state=dict(state, phase="sparse"), start_step=start, pruner=pruner, teacher=teacher,
+      distill_alpha=cfg.distill, distill_temperature=cfg.distill_temperature,
+      eval_fn=lambda: evaluate(model), eval_every=cfg.eval_every, log_every=cfg.log_every,
+      ckpt_every=cfg.ckpt_every, device=device)
+sparse_minutes = (time.time() - t_phase) / 60
+save_run_files(sparse_dir, tokenizer, cfg)
+assert abs(pruner.sparsity() - cfg.final_sparsity) < 1e-3, f"sparsity {pruner.sparsity():.4f} != target"
+
+# %% 6) report: held-out MLM on general and biomedical text, sparsity per layer, parameter counts
+sparse_eval = {d: evaluate(model, d) for d in held_out}
+print("\n" + pruner.sparsity_report(model))
+print(f"\nheld-out MLM ({cfg.eval_batches} batches of {cfg.batch_size} x {cfg.seq_len}, {cfg.mlm_prob:.0%} masked):")
+for name, ev, minutes in (("general-dense", dense_eval, dense_minutes), (sparse_name, sparse_eval, sparse_minutes)):
+    print(f"  {name:18s} ({minutes:5.1f} min)  {ev['general']}\n  {'':18s}              {ev['bio']}")
+print(f"\ntotal wall time {(time.time() - t_start) / 60:.1f} min")
+print(f"wrote {dense_dir}/ and {sparse_dir}/ (ckpt.pt, tokenizer.json, config.json)")
+print(f"next: python train_bio.py --init {sparse_dir}   and   python train_bio.py --init {dense_dir}")
