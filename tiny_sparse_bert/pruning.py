@@ -38,10 +38,10 @@ def cubic_sparsity(step, initial_sparsity, final_sparsity, begin_step, end_step)
     constant s_i before t_0 and s_f after t_1. The cube prunes fast while there are many
     redundant weights and slowly near the end, when each weight matters more.
     """
-    if step <= begin_step:
-        return initial_sparsity
     if step >= end_step:
         return final_sparsity
+    if step <= begin_step:
+        return initial_sparsity
     progress = (step - begin_step) / (end_step - begin_step)
     return final_sparsity + (initial_sparsity - final_sparsity) * (1.0 - progress) ** 3
 

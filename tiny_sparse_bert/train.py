@@ -161,8 +161,8 @@ def train(model, optimizer, batch_fn, steps, *, peak_lr, warmup_steps, ckpt_path
     forward = ddp_model or model
     model.train()
 
-    def checkpoint(step):  # `step` = the number of completed steps
-        if is_main:
+    def checkpoint(step):  # `step` = the number of completed steps; ckpt_path None = no checkpoints
+        if is_main and ckpt_path:
             save_checkpoint(ckpt_path, model=model.state_dict(), optimizer=optimizer.state_dict(),
                             pruner=pruner.state_dict() if pruner else None, step=step,
                             rng=torch.get_rng_state(),
@@ -220,7 +220,8 @@ def train(model, optimizer, batch_fn, steps, *, peak_lr, warmup_steps, ckpt_path
                 checkpoint(done)
             if interrupted:
                 if is_main:
-                    bar.write(f"interrupted: saved {ckpt_path} at step {done}; continue with --resume")
+                    bar.write(f"interrupted at step {done}" + (f"; saved {ckpt_path}, continue with --resume"
+                                                                if ckpt_path else ""))
                 raise SystemExit(130)
     finally:
         signal.signal(signal.SIGINT, previous_handler)
@@ -242,8 +243,9 @@ def parse_config(config_cls, presets, description, argv=None):
     for f in fields(config_cls):
         kind = type(getattr(defaults, f.name))
         parse = (lambda s: s.lower() in ("1", "true", "yes", "on")) if kind is bool else kind
+        extra = dict(nargs="?", const=True) if kind is bool else {}  # `--resume` alone means true
         parser.add_argument("--" + f.name.replace("_", "-"), type=parse, default=None, metavar=kind.__name__.upper(),
-                            help=f"default {getattr(defaults, f.name)!r}")
+                            help=f"default {getattr(defaults, f.name)!r}", **extra)
     args = parser.parse_args(argv)
     config = replace(defaults, **presets[args.preset])
     overrides = {f.name: getattr(args, f.name) for f in fields(config_cls) if getattr(args, f.name) is not None}

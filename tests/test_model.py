@@ -1,0 +1,105 @@
+import os
+
+import pytest
+import torch
+
+from tiny_sparse_bert.model import (IGNORE_INDEX, BertConfig, BertForMaskedLM, BertForSequenceClassification,
+                                    BertForTokenClassification, load_hf, save_hf)
+
+CFG = BertConfig(vocab_size=120, n_layer=2, hidden=32, n_head=4, intermediate=64, max_position=64)
+
+
+def batch(B=3, T=16, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(5, CFG.vocab_size, (B, T), generator=g)
+    mask = torch.ones(B, T, dtype=torch.long)
+    mask[1, 10:] = 0  # the second sequence is padded
+    ids[1, 10:] = 0
+    return ids, mask
+
+
+def test_output_shapes():
+    ids, mask = batch()
+    labels = torch.full_like(ids, IGNORE_INDEX)
+    labels[0, 3] = labels[2, 5] = 7
+    logits, loss = BertForMaskedLM(CFG)(ids, mask, labels=labels)
+    assert logits.shape == (2, CFG.vocab_size) and loss.dim() == 0  # only the 2 labelled positions
+    assert BertForMaskedLM(CFG)(ids, mask)[0].shape == (3, 16, CFG.vocab_size)
+    logits, loss = BertForTokenClassification(CFG, 5)(ids, mask, labels=torch.zeros_like(ids))
+    assert logits.shape == (3, 16, 5) and torch.isfinite(loss)
+    logits, loss = BertForSequenceClassification(CFG, 4)(ids, mask, labels=torch.tensor([0, 1, 3]))
+    assert logits.shape == (3, 4) and torch.isfinite(loss)
+    logits, loss = BertForSequenceClassification(CFG, 4, multi_label=True)(ids, mask, labels=torch.ones(3, 4))
+    assert logits.shape == (3, 4) and torch.isfinite(loss)
+
+
+def test_sparse_prediction_equals_full_logits():
+    torch.manual_seed(0)
+    model = BertForMaskedLM(CFG).eval()
+    ids, mask = batch()
+    labels = torch.full_like(ids, IGNORE_INDEX)
+    labels[0, 1], labels[2, 7] = 9, 11
+    selected, _ = model(ids, mask, labels=labels)
+    full, _ = model(ids, mask)
+    torch.testing.assert_close(selected, full[labels != IGNORE_INDEX])
+
+
+@pytest.mark.parametrize("pre_norm", [False, True])
+def test_padding_invariance(pre_norm):
+    """Changing padded tokens (ids and token types) changes nothing at the real positions."""
+    torch.manual_seed(0)
+    model = BertForMaskedLM(BertConfig(**{**CFG.__dict__, "pre_norm": pre_norm})).eval()
+    ids, mask = batch()
+    other = ids.clone()
+    other[1, 10:] = torch.randint(5, CFG.vocab_size, (6,))
+    types = torch.zeros_like(ids)
+    types[1, 10:] = 1
+    a, _ = model(ids, mask)
+    b, _ = model(other, mask, token_type_ids=types)
+    torch.testing.assert_close(a[mask.bool()], b[mask.bool()], atol=1e-5, rtol=0)
+    assert not torch.allclose(a[1, 10:], b[1, 10:])  # the padded positions did change
+
+
+def test_loss_decreases_when_overfitting_one_batch():
+    torch.manual_seed(0)
+    model = BertForMaskedLM(CFG)
+    ids, mask = batch()
+    labels = torch.where(mask.bool(), ids, torch.full_like(ids, IGNORE_INDEX))
+    inputs = torch.where(torch.rand(ids.shape) < 0.3, torch.full_like(ids, 4), ids)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    losses = []
+    for _ in range(60):
+        _, loss = model(inputs, mask, labels=labels)
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        losses.append(loss.item())
+    assert losses[-1] < 0.5 * losses[0], losses[::10]
+
+
+def test_hf_round_trip(tmp_path):
+    torch.manual_seed(0)
+    model = BertForMaskedLM(CFG).eval()
+    save_hf(model, tmp_path)
+    assert {"config.json", "pytorch_model.bin"} <= set(os.listdir(tmp_path))
+    back = load_hf(tmp_path).eval()
+    for (k, v), (k2, v2) in zip(model.state_dict().items(), back.state_dict().items()):
+        assert k == k2 and torch.equal(v, v2), k
+    with pytest.raises(ValueError, match="pre-LayerNorm"):
+        save_hf(BertForMaskedLM(BertConfig(**{**CFG.__dict__, "pre_norm": True})), tmp_path / "pre")
+
+
+def test_same_logits_as_transformers(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    model = BertForMaskedLM(CFG).eval()
+    save_hf(model, tmp_path / "ours")
+    hf = transformers.BertForMaskedLM.from_pretrained(tmp_path / "ours").eval()
+    ids, mask = batch()
+    with torch.no_grad():
+        ours, _ = model(ids, mask)
+        theirs = hf(input_ids=ids, attention_mask=mask).logits
+    assert (ours - theirs)[mask.bool()].abs().max() < 1e-5
+    hf.save_pretrained(tmp_path / "theirs")  # transformers' own format (safetensors) loads back too
+    with torch.no_grad():
+        assert (load_hf(tmp_path / "theirs").eval()(ids, mask)[0] - ours)[mask.bool()].abs().max() < 1e-5

@@ -1,0 +1,115 @@
+import pytest
+import torch
+
+from tiny_sparse_bert.model import BertConfig, BertForMaskedLM, BertForSequenceClassification
+from tiny_sparse_bert.pruning import MagnitudePruner, cubic_sparsity, prunable_parameters
+from tiny_sparse_bert.train import make_optimizer
+
+CFG = BertConfig(vocab_size=100, n_layer=2, hidden=32, n_head=4, intermediate=64, max_position=32)
+
+
+def test_schedule_end_points_plateaus_monotonic():
+    s = [cubic_sparsity(t, 0.0, 0.9, 10, 110) for t in range(0, 200)]
+    assert s[0] == s[10] == 0.0 and s[110] == s[199] == 0.9
+    assert all(a <= b for a, b in zip(s, s[1:]))
+    assert cubic_sparsity(60, 0.0, 0.9, 10, 110) == pytest.approx(0.9 - 0.9 * 0.5 ** 3)
+    assert s[20] - s[10] > s[110] - s[100]  # prunes fast early, slowly late
+
+
+def test_prunable_weights_are_the_six_encoder_linears():
+    names = set(prunable_parameters(BertForSequenceClassification(CFG, 3)))
+    assert len(names) == 6 * CFG.n_layer
+    assert all(n.startswith("bert.layers.") for n in names)  # no embeddings, pooler or classifier
+
+
+@pytest.mark.parametrize("global_", [False, True])
+def test_exact_zero_counts(global_):
+    torch.manual_seed(0)
+    model = BertForMaskedLM(CFG)
+    pruner = MagnitudePruner(model, 0.9, 0, 10, 5, global_=global_)
+    for step in (0, 5, 7, 10):
+        pruner.update(step)
+        s = pruner.target(step) if pruner.should_update(step) else pruner.current_target
+        params = prunable_parameters(model).values()
+        if global_:
+            assert sum(int((p == 0).sum()) for p in params) == round(s * sum(p.numel() for p in params))
+        else:
+            assert all(int((p == 0).sum()) == round(s * p.numel()) for p in params)
+    assert pruner.sparsity() == pytest.approx(0.9, abs=1e-3)
+
+
+def test_ties_broken_deterministically():
+    model = BertForMaskedLM(CFG)
+    for p in prunable_parameters(model).values():
+        torch.nn.init.constant_(p, 0.5)  # all scores tie
+    pruner = MagnitudePruner(model, 0.5, 0, 0, 1)
+    pruner.update(0)
+    first = {n: m.clone() for n, m in pruner.masks.items()}
+    pruner.update(0)
+    assert all(torch.equal(first[n], m) for n, m in pruner.masks.items())
+    assert all(not m.flatten()[: m.numel() // 2].any() for m in first.values())
+
+
+def train_steps(model, pruner, steps, wd=0.1):
+    opt = make_optimizer(model, 1e-2, wd)
+    ids = torch.randint(5, 100, (4, 16))
+    for step in range(steps):
+        pruner.update(step)
+        _, loss = model(ids, labels=ids)
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        pruner.apply()
+    return opt
+
+
+def test_pruned_weights_stay_zero_under_adamw_and_masks_only_grow():
+    torch.manual_seed(0)
+    model = BertForMaskedLM(CFG)
+    pruner = MagnitudePruner(model, 0.8, 0, 16, 2)
+    previous = {n: m.clone() for n, m in pruner.masks.items()}
+    opt = make_optimizer(model, 1e-2, 0.1)
+    ids = torch.randint(5, 100, (4, 16))
+    for step in range(20):  # AdamW with weight decay and momentum
+        pruner.update(step)
+        for n, m in pruner.masks.items():
+            assert not (m & ~previous[n]).any(), "a pruned weight came back"
+            previous[n] = m.clone()
+        _, loss = model(ids, labels=ids)
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        pruner.apply()
+        for n, p in pruner.params.items():
+            assert (p[~pruner.masks[n]] == 0).all()
+    assert pruner.sparsity() == pytest.approx(0.8, abs=1e-3)
+
+
+def test_masks_survive_save_load_and_frozen_masks(tmp_path):
+    torch.manual_seed(0)
+    model = BertForMaskedLM(CFG)
+    pruner = MagnitudePruner(model, 0.7, 0, 4, 2)
+    train_steps(model, pruner, 6)
+    torch.save({"model": model.state_dict(), "pruner": pruner.state_dict()}, tmp_path / "c.pt")
+    ckpt = torch.load(tmp_path / "c.pt", weights_only=True)
+    model2 = BertForMaskedLM(CFG)
+    model2.load_state_dict(ckpt["model"])
+    pruner2 = MagnitudePruner(model2)
+    pruner2.load_state_dict(ckpt["pruner"])
+    assert all(torch.equal(pruner.masks[n], pruner2.masks[n]) for n in pruner.masks)
+    assert pruner2.end_step == 4 and pruner2.final_sparsity == 0.7
+    frozen = MagnitudePruner.from_sparse_model(model2)
+    assert frozen.frozen and all(torch.equal(pruner.masks[n], frozen.masks[n]) for n in pruner.masks)
+    train_steps(model2, frozen, 5)  # frozen masks are never updated, zeros stay exactly where they were
+    assert all(torch.equal(p != 0, pruner.masks[n]) for n, p in frozen.params.items())
+    with pytest.raises(ValueError, match="another config"):
+        MagnitudePruner(BertForMaskedLM(BertConfig(vocab_size=100, n_layer=1, hidden=32, n_head=4,
+                                                   intermediate=64))).load_state_dict(ckpt["pruner"])
+
+
+def test_sparsity_report():
+    model = BertForMaskedLM(CFG)
+    pruner = MagnitudePruner(model, 0.5, 0, 0, 1)
+    pruner.update(0)
+    report = pruner.sparsity_report(model)
+    assert "bert.layers.1.out.weight" in report and "50.0% of prunable" in report

@@ -1,0 +1,300 @@
+"""Downstream tasks: readers for each format in data/README.md, encoding, and the metrics.
+
+The biomedical tasks of BioBERT / BLURB that Sparse*BERT reports (Campos et al. 2022, table 2):
+NER (NCBI-disease, BC5CDR-chem, BC5CDR-disease), relation classification (ChemProt) and
+sentence classification (HoC, multi-label; NICTA-PIBOSO as a stand-in for PubMed RCT; PubMedQA),
+plus CoNLL-2003 and SST-2 for the general domain. `TASKS` maps each name to its files and reader;
+`ner:DIR` and `cls:DIR` describe a user's own data set in the same formats.
+
+Every reader raises ValueError naming the file, the line and what was expected on malformed input.
+Metrics: entity-level exact-match micro F1 (CoNLL's conlleval), micro/macro F1, accuracy.
+"""
+import json
+import os
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from .data import PAD_ID
+from .model import IGNORE_INDEX
+
+
+# ---------------------------------------------------------------------------------- readers
+
+def read_ner(path, columns=None):
+    """Token-per-line NER: `token<TAB>tag` (BioBERT) or `token POS chunk TAG` (CoNLL, columns=4).
+
+    Returns a list of (words, tags); sentences are separated by blank lines.
+    """
+    sentences, words, tags = [], [], []
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            line = line.rstrip("\n")
+            if not line.strip():
+                if words:
+                    sentences.append((words, tags))
+                words, tags = [], []
+                continue
+            parts = line.split(" ") if columns == 4 else line.split("\t")
+            if len(parts) != (columns or 2):
+                raise ValueError(f"{path}:{n}: expected {'token POS chunk TAG' if columns == 4 else 'token<TAB>tag'}, "
+                                 f"got {line[:60]!r}")
+            tag = parts[-1]
+            if not (tag == "O" or tag[:1] in "BI" and (len(tag) == 1 or tag[1] == "-")):
+                raise ValueError(f"{path}:{n}: tag {tag!r} is not IOB2 (O, B, I, B-TYPE or I-TYPE)")
+            words.append(parts[0])
+            tags.append(tag)
+    if words:
+        sentences.append((words, tags))
+    return sentences
+
+
+def read_sentence_label(path, header=False):
+    """`sentence<TAB>label` lines (SST-2 with a header; a user's `cls:DIR` data without)."""
+    examples = []
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if (header and n == 1) or not line.strip():
+                continue
+            text, sep, label = line.rstrip("\n").rpartition("\t")
+            if not sep or not text.strip() or not label.strip():
+                raise ValueError(f"{path}:{n}: expected 'sentence<TAB>label'")
+            examples.append((text.strip(), None, label.strip()))
+    return examples
+
+
+def read_hoc(path):
+    """HoC: `sentence<TAB>label|label...` or `empty`; blank lines (after every test sentence) skipped."""
+    return [(text, None, [] if label == "empty" else label.split("|"))
+            for text, _, label in read_sentence_label(path)]
+
+
+def read_chemprot(path):
+    """ChemProt JSON lines {"text", "label"}; the << >> and [[ ]] entity markers stay in the text."""
+    examples = []
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+                examples.append((row["text"], None, row["label"]))
+            except (json.JSONDecodeError, KeyError, TypeError):
+                raise ValueError(f"{path}:{n}: expected a JSON object with 'text' and 'label'") from None
+    return examples
+
+
+def read_nicta(path):
+    """NICTA-PIBOSO: `###id` starts an abstract, then `label<TAB>sentence` lines, blank line between."""
+    examples = []
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            line = line.rstrip("\n")
+            if not line.strip() or line.startswith("###"):
+                continue
+            label, sep, text = line.partition("\t")
+            if not sep or not text.strip():
+                raise ValueError(f"{path}:{n}: expected 'label<TAB>sentence' or '###id'")
+            examples.append((text, None, label))
+    return examples
+
+
+def read_pubmedqa(path):
+    """PubMedQA JSON lines: (question, contexts joined) -> yes/no/maybe (reasoning-required setting)."""
+    examples = []
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+                examples.append((row["question"], " ".join(row["contexts"]), row["final_decision"]))
+            except (json.JSONDecodeError, KeyError, TypeError):
+                raise ValueError(f"{path}:{n}: expected a JSON object with question, contexts, final_decision") from None
+    return examples
+
+
+@dataclass
+class Task:
+    name: str
+    kind: str       # "ner", "cls" (one label) or "multi" (several labels)
+    folder: str     # under the data directory (or a user's directory)
+    splits: tuple   # (train, dev or None, test) file names
+    reader: object
+    metric: str     # the headline metric in the results table
+
+
+TASKS = {
+    "ncbi_disease": Task("ncbi_disease", "ner", "ner_ncbi_disease", ("train.tsv", "devel.tsv", "test.tsv"), read_ner, "f1"),
+    "bc5cdr_chem": Task("bc5cdr_chem", "ner", "ner_bc5cdr_chem", ("train.tsv", "devel.tsv", "test.tsv"), read_ner, "f1"),
+    "bc5cdr_disease": Task("bc5cdr_disease", "ner", "ner_bc5cdr_disease", ("train.tsv", "devel.tsv", "test.tsv"),
+                           read_ner, "f1"),
+    "chemprot": Task("chemprot", "cls", "re_chemprot", ("train.jsonl", "dev.jsonl", "test.jsonl"), read_chemprot,
+                     "micro_f1"),
+    "hoc": Task("hoc", "multi", "cls_hoc", ("train.tsv", None, "test.tsv"), read_hoc, "micro_f1"),
+    "nicta_piboso": Task("nicta_piboso", "cls", "cls_nicta_piboso", ("train.txt", "dev.txt", "test.txt"), read_nicta,
+                         "macro_f1"),
+    "pubmedqa": Task("pubmedqa", "cls", "qa_pubmedqa", ("train.jsonl", "dev.jsonl", "test.jsonl"), read_pubmedqa,
+                     "accuracy"),
+    "conll2003": Task("conll2003", "ner", "gen_ner_conll2003", ("eng.train", "eng.testa", "eng.testb"),
+                      lambda p: read_ner(p, columns=4), "f1"),
+    "sst2": Task("sst2", "cls", "gen_cls_sst2", ("train.tsv", "dev.tsv", "test.tsv"),
+                 lambda p: read_sentence_label(p, header=True), "accuracy"),
+}
+
+
+def get_task(spec):
+    """A task name from TASKS, or `ner:DIR` / `cls:DIR` for a user's data set in our formats."""
+    if spec in TASKS:
+        return TASKS[spec]
+    kind, sep, folder = spec.partition(":")
+    if sep and kind == "ner":
+        return Task(f"ner:{os.path.basename(folder.rstrip('/'))}", "ner", folder, ("train.tsv", "devel.tsv", "test.tsv"),
+                    read_ner, "f1")
+    if sep and kind == "cls":
+        return Task(f"cls:{os.path.basename(folder.rstrip('/'))}", "cls", folder, ("train.tsv", "dev.tsv", "test.tsv"),
+                    read_sentence_label, "accuracy")
+    raise SystemExit(f"error: unknown task {spec!r}; use one of {', '.join(TASKS)}, ner:DIR or cls:DIR")
+
+
+def load_splits(task, data_dir, seed=0, dev_fraction=0.1):
+    """{'train', 'dev', 'test'} examples; without a dev file, a seeded dev split is carved from train."""
+    folder = task.folder if ":" in task.name else os.path.join(data_dir, task.folder)
+    splits = {}
+    for split, name in zip(("train", "dev", "test"), task.splits):
+        if name is None:
+            continue
+        path = os.path.join(folder, name)
+        if not os.path.exists(path):
+            raise SystemExit(f"error: {task.name}: missing {split} split {path}"
+                             + ("" if ":" in task.name else " (run python data/prepare.py)"))
+        splits[split] = task.reader(path)
+    if "dev" not in splits:  # HoC has no dev split
+        order = np.random.default_rng(seed).permutation(len(splits["train"]))
+        n_dev = int(len(order) * dev_fraction)
+        splits["dev"] = [splits["train"][i] for i in order[:n_dev]]
+        splits["train"] = [splits["train"][i] for i in order[n_dev:]]
+    return splits
+
+
+def label_list(task, splits):
+    """The label vocabulary from the training split; an unseen label in dev/test is an error."""
+    def labels_of(examples):
+        if task.kind == "ner":
+            return {t for _, tags in examples for t in tags}
+        if task.kind == "multi":
+            return {l for _, _, ls in examples for l in ls}
+        return {l for _, _, l in examples}
+    labels = sorted(labels_of(splits["train"]))
+    if task.kind == "ner":  # O first, so an untrained classifier's default is harmless
+        labels = ["O"] + [l for l in labels if l != "O"]
+    for split in ("dev", "test"):
+        unknown = labels_of(splits[split]) - set(labels)
+        if unknown:
+            raise SystemExit(f"error: {task.name}: {split} has labels not seen in train: {sorted(unknown)[:5]}")
+    return labels
+
+
+# ---------------------------------------------------------------------------------- encoding
+
+def encode(task, examples, tokenizer, labels, max_len):
+    """Token ids and label ids per example (lists, padded later per batch).
+
+    NER: words are split into word pieces; the word's label goes on its first piece and the other
+    pieces get IGNORE_INDEX (BERT 5.3). `first` holds the first-piece positions, to read one
+    prediction per word back.
+    """
+    index = {l: i for i, l in enumerate(labels)}
+    tokenizer.enable_truncation(max_len)
+    out = []
+    for ex in examples:
+        if task.kind == "ner":
+            words, tags = ex
+            enc = tokenizer.encode(words, is_pretokenized=True)
+            y, first, previous = [], [], None
+            for pos, w in enumerate(enc.word_ids):
+                if w is not None and w != previous:
+                    y.append(index[tags[w]])
+                    first.append(pos)
+                else:
+                    y.append(IGNORE_INDEX)
+                previous = w
+            out.append({"ids": enc.ids, "types": enc.type_ids, "y": y, "first": first, "n_words": len(words)})
+        else:
+            text_a, text_b, label = ex
+            enc = tokenizer.encode(text_a, text_b) if text_b else tokenizer.encode(text_a)
+            y = [float(l in label) for l in labels] if task.kind == "multi" else index[label]
+            out.append({"ids": enc.ids, "types": enc.type_ids, "y": y})
+    tokenizer.no_truncation()
+    return out
+
+
+def collate(items, kind):
+    """Pad a list of encoded examples to the longest: a dict of model inputs and labels."""
+    T = max(len(it["ids"]) for it in items)
+    ids = torch.full((len(items), T), PAD_ID, dtype=torch.long)
+    types = torch.zeros_like(ids)
+    mask = torch.zeros_like(ids)
+    for i, it in enumerate(items):
+        n = len(it["ids"])
+        ids[i, :n], types[i, :n], mask[i, :n] = torch.tensor(it["ids"]), torch.tensor(it["types"]), 1
+    if kind == "ner":
+        labels = torch.full_like(ids, IGNORE_INDEX)
+        for i, it in enumerate(items):
+            labels[i, :len(it["y"])] = torch.tensor(it["y"])
+    else:
+        labels = torch.tensor([it["y"] for it in items])
+    return {"input_ids": ids, "attention_mask": mask, "token_type_ids": types, "labels": labels}
+
+
+# ---------------------------------------------------------------------------------- metrics
+
+def entity_spans(tags):
+    """Set of (type, start, end) chunks of an IOB2 tag sequence, as conlleval reads them.
+
+    A chunk starts at B-X, or at I-X that does not continue a chunk of type X; it ends where the
+    next tag is not I-X. Plain B / I tags (one entity type) have the type ''.
+    """
+    spans, start, kind = set(), None, None
+    for i, tag in enumerate(list(tags) + ["O"]):
+        prefix, typ = tag[0], tag[2:]
+        if start is not None and not (prefix == "I" and typ == kind):
+            spans.add((kind, start, i))
+            start = None
+        if prefix == "B" or (prefix == "I" and start is None):
+            start, kind = i, typ
+    return spans
+
+
+def entity_f1(gold_sequences, pred_sequences):
+    """Exact-match micro F1 over entities of all sentences (CoNLL-2003 evaluation)."""
+    tp = n_gold = n_pred = 0
+    for gold, pred in zip(gold_sequences, pred_sequences):
+        g, p = entity_spans(gold), entity_spans(pred)
+        tp, n_gold, n_pred = tp + len(g & p), n_gold + len(g), n_pred + len(p)
+    precision = tp / n_pred if n_pred else 0.0
+    recall = tp / n_gold if n_gold else 0.0
+    f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
+    return {"f1": f1, "precision": precision, "recall": recall}
+
+
+def f1_scores(gold, pred, n_labels):
+    """Accuracy, micro F1 and macro F1 of single-label predictions (integer arrays)."""
+    gold, pred = np.asarray(gold), np.asarray(pred)
+    per_label = []
+    for k in range(n_labels):
+        tp = np.sum((pred == k) & (gold == k))
+        denominator = np.sum(pred == k) + np.sum(gold == k)
+        per_label.append(2 * tp / denominator if denominator else 0.0)
+    accuracy = float(np.mean(gold == pred)) if len(gold) else 0.0
+    # every example has exactly one gold and one predicted label, so micro F1 equals accuracy
+    return {"accuracy": accuracy, "micro_f1": accuracy, "macro_f1": float(np.mean(per_label))}
+
+
+def multilabel_f1(gold, pred):
+    """Micro F1 over all (example, label) decisions of a multi-label task (0/1 matrices)."""
+    gold, pred = np.asarray(gold, dtype=bool), np.asarray(pred, dtype=bool)
+    tp, n_pred, n_gold = np.sum(gold & pred), np.sum(pred), np.sum(gold)
+    return {"micro_f1": float(2 * tp / (n_pred + n_gold)) if n_pred + n_gold else 0.0,
+            "exact_match": float(np.mean(np.all(gold == pred, axis=1)))}

@@ -1,0 +1,131 @@
+"""Step 2 of 3: continue MLM pretraining of a general checkpoint on biomedical text.
+
+BioBERT (Lee et al. 2020) continues BERT's pretraining on PubMed with BERT's own vocabulary;
+SparseBioBERT (Campos et al. 2022, section 4.2) does the same from Sparse*BERT with its pruning
+mask held fixed. Here the tokenizer of the general checkpoint is kept, and
+
+    a sparse checkpoint (it has pruning masks)  -> masks frozen, re-applied after every step
+    a dense checkpoint                          -> trained without masks (our BioBERT analogue)
+
+    python train_bio.py --init out/general-sparse90    # -> out/bio-sparse90/
+    python train_bio.py --init out/general-dense       # -> out/bio-dense/
+    python train_bio.py --preset tiny --init ...       # seconds, for tests
+
+Run it cell by cell (`# %%`) in an editor, or top to bottom.
+"""
+# %% 1) config
+import os
+import time
+from dataclasses import asdict, dataclass
+
+import torch
+
+from tiny_sparse_bert.data import Blocks, corpus_files, load_tokenizer, tokenize_corpus
+from tiny_sparse_bert.model import BertConfig, BertForMaskedLM
+from tiny_sparse_bert.pruning import MagnitudePruner
+from tiny_sparse_bert.train import (check_same_config, evaluate_mlm, load_checkpoint, make_optimizer, mlm_batch,
+                                    parse_config, pick_device, save_run_files, train, unigram_log_probs)
+
+
+@dataclass
+class Config:
+    init: str = "out/general-sparse90"  # a directory written by train_general.py
+    out: str = ""                  # default: the init's name with general -> bio (out/bio-sparse90)
+    data: str = "data"
+    max_docs: int = 0              # use only the first N documents of each corpus (0 = all)
+    seq_len: int = 128
+    batch_size: int = 32
+    mlm_prob: float = 0.15
+    steps: int = 1000
+    lr: float = 5e-4
+    warmup: float = 0.06
+    weight_decay: float = 0.01
+    eval_batches: int = 20
+    eval_every: int = 500
+    log_every: int = 50
+    ckpt_every: int = 250
+    seed: int = 0
+    device: str = "auto"
+    resume: bool = False
+
+
+PRESETS = {
+    "default": {},
+    "tiny": dict(max_docs=300, seq_len=64, batch_size=8, steps=20, eval_batches=2, eval_every=0, log_every=10,
+                 ckpt_every=10),
+    "gpu": dict(batch_size=128, steps=3000, eval_every=1000),
+}
+
+preset, cfg = parse_config(Config, PRESETS, __doc__.splitlines()[0])
+out_dir = cfg.out or os.path.join(os.path.dirname(cfg.init.rstrip("/")),
+                                  os.path.basename(cfg.init.rstrip("/")).replace("general", "bio"))
+assert os.path.abspath(out_dir) != os.path.abspath(cfg.init), "--out must differ from --init"
+print(f"config (preset {preset}): {asdict(cfg)}")
+torch.manual_seed(cfg.seed)
+device = pick_device(cfg.device)
+t_start = time.time()
+
+# %% 2) data: the general checkpoint's tokenizer on the biomedical corpus
+tokenizer = load_tokenizer(os.path.join(cfg.init, "tokenizer.json"))
+cache = os.path.join(cfg.data, "cache")
+bio_train, bio_val = tokenize_corpus("bio", corpus_files(cfg.data, "bio"), tokenizer, cache, cfg.max_docs or None)
+general_train, general_val = tokenize_corpus("general", corpus_files(cfg.data, "general"), tokenizer, cache,
+                                             cfg.max_docs or None)
+print(f"biomedical corpus: {len(bio_train):,} training and {len(bio_val):,} held-out tokens")
+blocks = Blocks(bio_train, cfg.seq_len, cfg.batch_size, seed=cfg.seed)
+vocab_size = tokenizer.get_vocab_size()
+held_out = {"bio": (Blocks(bio_val, cfg.seq_len, cfg.batch_size), unigram_log_probs(bio_train, vocab_size)),
+            "general": (Blocks(general_val, cfg.seq_len, cfg.batch_size), unigram_log_probs(general_train, vocab_size))}
+
+
+def evaluate(model, domain):
+    val_blocks, unigram = held_out[domain]
+    r = evaluate_mlm(model, val_blocks, unigram, cfg.eval_batches, cfg.mlm_prob, device=device)
+    return f"{domain} MLM loss {r['loss']:.3f} (unigram {r['unigram']:.3f}) acc {r['acc']:.1%}"
+
+
+# %% 3) model: the general checkpoint; a sparse one gets frozen masks (weight != 0)
+init = load_checkpoint(os.path.join(cfg.init, "ckpt.pt"))
+model_config = BertConfig(**init["model_config"])
+model = BertForMaskedLM(model_config).to(device)
+model.load_state_dict(init["model"])
+sparse = init.get("pruner") is not None
+pruner = MagnitudePruner.from_sparse_model(model) if sparse else None
+start_masks = {n: m.clone() for n, m in pruner.masks.items()} if sparse else None
+print(f"init {cfg.init}: " + (f"sparse, {pruner.sparsity():.1%} of encoder weights zero, mask frozen" if sparse
+                             else "dense, trained without masks"))
+before = {d: evaluate(model, d) for d in held_out}
+
+# %% 4) train: continued MLM pretraining on biomedical text
+optimizer = make_optimizer(model, cfg.lr, cfg.weight_decay)
+ckpt_path, start = os.path.join(out_dir, "ckpt.pt"), 0
+if cfg.resume and os.path.exists(ckpt_path):
+    ckpt = load_checkpoint(ckpt_path)
+    check_same_config(ckpt, asdict(model_config), ckpt_path)
+    model.load_state_dict(ckpt["model"])
+    optimizer.load_state_dict(ckpt["optimizer"])
+    torch.set_rng_state(ckpt["rng"])
+    start = ckpt["step"]
+    print(f"resuming {ckpt_path} at step {start}")
+print(f"\ncontinued MLM pretraining: {cfg.steps} steps of {cfg.batch_size} x {cfg.seq_len} tokens, lr {cfg.lr}")
+t_train = time.time()
+train(model, optimizer, lambda step: mlm_batch(blocks, step, cfg.mlm_prob, vocab_size, cfg.seed), cfg.steps,
+      peak_lr=cfg.lr, warmup_steps=int(cfg.warmup * cfg.steps), ckpt_path=ckpt_path,
+      extra_state=dict(model_config=asdict(model_config), run_config=asdict(cfg), phase="bio", init=cfg.init,
+                       tokenizer="tokenizer.json"),
+      start_step=start, pruner=pruner, eval_fn=lambda: evaluate(model, "bio"), eval_every=cfg.eval_every,
+      log_every=cfg.log_every, ckpt_every=cfg.ckpt_every, device=device)
+save_run_files(out_dir, tokenizer, cfg)
+
+# %% 5) evaluate and check: held-out MLM before/after, and the zeros are exactly the ones we started with
+after = {d: evaluate(model, d) for d in held_out}
+print(f"\nheld-out MLM ({cfg.eval_batches} batches of {cfg.batch_size} x {cfg.seq_len}):")
+for d in held_out:
+    print(f"  before  {before[d]}\n  after   {after[d]}")
+if sparse:
+    final = MagnitudePruner.from_sparse_model(model).masks
+    assert all(torch.equal(final[n], start_masks[n]) for n in final), "the sparsity pattern changed"
+    print(f"sparsity pattern unchanged: {pruner.sparsity():.2%} of encoder weights zero, the same ones as at the start")
+print(f"\ntraining {(time.time() - t_train) / 60:.1f} min, total {(time.time() - t_start) / 60:.1f} min")
+print(f"wrote {out_dir}/ (ckpt.pt, tokenizer.json, config.json)")
+print(f"next: python finetune.py --models {out_dir} ...   (see README)")
