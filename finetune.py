@@ -180,6 +180,9 @@ for name, mlm, sparse, tokenizer in encoders:
                   eval_fn=select_on_dev, eval_every=steps_per_epoch, log_every=max(1, steps // 4), device=device)
             select_on_dev()
             model.load_state_dict(best["state"])
+            if sparse:  # exactly the pretrained zeros, no more, no fewer
+                assert all(torch.equal(w != 0, pruner.masks[n]) for n, w in pruner.params.items()), "mask changed"
+                info[name]["mask_unchanged"] = True
             if pruner and not pruner.frozen:
                 info[name].update(pruned_in_finetune=pruner.sparsity())
             test = evaluate(model, task, encoded["test"], n_labels)

@@ -45,3 +45,37 @@ def test_train_general_resume_keeps_finished_phases(general, mirror_data):
     assert "resuming" in log
     after, _ = load_model(out / "general-sparse90")
     assert all(torch.equal(a, b) for a, b in zip(before.state_dict().values(), after.state_dict().values()))
+
+
+@pytest.fixture(scope="module")
+def bio(general, mirror_data):
+    out, _ = general
+    logs = {}
+    for name in ("general-sparse90", "general-dense"):
+        logs[name] = run_script(["train_bio.py", "--preset", "tiny", "--data", mirror_data, "--init", str(out / name)])
+    return out, logs
+
+
+def test_train_bio_keeps_the_sparsity_pattern(bio):
+    out, logs = bio
+    start, _ = load_model(out / "general-sparse90")
+    end, ckpt = load_model(out / "bio-sparse90")
+    for (name, a), b in zip(prunable_parameters(start).items(), prunable_parameters(end).values()):
+        assert torch.equal(a != 0, b != 0), name  # the same zeros, to the element
+    assert not torch.equal(start.bert.layers[0].query.weight, end.bert.layers[0].query.weight)  # it did train
+    assert "sparsity pattern unchanged" in logs["general-sparse90"]
+    dense, ckpt = load_model(out / "bio-dense")
+    assert ckpt["pruner"] is None and all((w != 0).all() for w in prunable_parameters(dense).values())
+
+
+def test_finetune_tiny_table(bio, mirror_data):
+    out, _ = bio
+    models = ",".join(str(out / n) for n in ("general-dense", "general-sparse90", "bio-dense", "bio-sparse90"))
+    log = run_script(["finetune.py", "--preset", "tiny", "--data", mirror_data, "--models", models,
+                      "--tasks", "ncbi_disease,hoc", "--out", str(out / "finetune")])
+    results = json.loads((out / "finetune" / "results.json").read_text())
+    assert set(results["scores"]) == {"general-dense", "general-sparse90", "bio-dense", "bio-sparse90", "random-init"}
+    assert results["models"]["bio-sparse90"]["mask_unchanged"] and results["models"]["bio-sparse90"]["sparsity"] > 0.89
+    table = (out / "finetune" / "results.md").read_text()
+    assert "| bio-sparse90 | 90% |" in table and "recovery vs dense" in table
+    assert "| random-init |" in log

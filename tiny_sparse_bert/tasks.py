@@ -38,7 +38,7 @@ def read_ner(path, columns=None):
                 continue
             parts = line.split(" ") if columns == 4 else line.split("\t")
             if len(parts) != (columns or 2):
-                raise ValueError(f"{path}:{n}: expected {'token POS chunk TAG' if columns == 4 else 'token<TAB>tag'}, "
+                raise ValueError(f"{path}:{n}: expected '{'token POS chunk TAG' if columns == 4 else 'token<TAB>tag'}', "
                                  f"got {line[:60]!r}")
             tag = parts[-1]
             if not (tag == "O" or tag[:1] in "BI" and (len(tag) == 1 or tag[1] == "-")):
