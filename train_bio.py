@@ -15,6 +15,7 @@ Run it cell by cell (`# %%`) in an editor, or top to bottom.
 """
 # %% 1) config
 import os
+import sys
 import time
 from dataclasses import asdict, dataclass
 
@@ -23,8 +24,9 @@ import torch
 from tiny_sparse_bert.data import Blocks, corpus_files, load_tokenizer, tokenize_corpus
 from tiny_sparse_bert.model import BertConfig, BertForMaskedLM
 from tiny_sparse_bert.pruning import MagnitudePruner
-from tiny_sparse_bert.train import (check_same_config, evaluate_mlm, load_checkpoint, make_optimizer, mlm_batch,
-                                    parse_config, pick_device, save_run_files, train, unigram_log_probs)
+from tiny_sparse_bert.train import (barrier, check_same_config, evaluate_mlm, load_checkpoint, make_optimizer,
+                                    mlm_batch, parse_config, save_run_files, setup_distributed, train,
+                                    unigram_log_probs, wrap_ddp)
 
 
 @dataclass
@@ -60,17 +62,23 @@ preset, cfg = parse_config(Config, PRESETS, __doc__.splitlines()[0])
 out_dir = cfg.out or os.path.join(os.path.dirname(cfg.init.rstrip("/")),
                                   os.path.basename(cfg.init.rstrip("/")).replace("general", "bio"))
 assert os.path.abspath(out_dir) != os.path.abspath(cfg.init), "--out must differ from --init"
-print(f"config (preset {preset}): {asdict(cfg)}")
 torch.manual_seed(cfg.seed)
-device = pick_device(cfg.device)
+rank, world, device = setup_distributed(cfg.device)  # one process, or one of `torchrun --nproc_per_node N`
+if rank != 0:
+    sys.stdout = open(os.devnull, "w")  # only rank 0 prints, evaluates and writes files
+print(f"config (preset {preset}, {world} process{'es' if world > 1 else ''} on {device}): {asdict(cfg)}")
 t_start = time.time()
 
 # %% 2) data: the general checkpoint's tokenizer on the biomedical corpus
 tokenizer = load_tokenizer(os.path.join(cfg.init, "tokenizer.json"))
 cache = os.path.join(cfg.data, "cache")
+if rank != 0:  # rank 0 builds the token caches, the others then read them
+    barrier(world)
 bio_train, bio_val = tokenize_corpus("bio", corpus_files(cfg.data, "bio"), tokenizer, cache, cfg.max_docs or None)
 general_train, general_val = tokenize_corpus("general", corpus_files(cfg.data, "general"), tokenizer, cache,
                                              cfg.max_docs or None)
+if rank == 0:
+    barrier(world)
 print(f"biomedical corpus: {len(bio_train):,} training and {len(bio_val):,} held-out tokens")
 blocks = Blocks(bio_train, cfg.seq_len, cfg.batch_size, seed=cfg.seed)
 vocab_size = tokenizer.get_vocab_size()
@@ -91,6 +99,7 @@ model = BertForMaskedLM(model_config).to(device)
 model.load_state_dict(init["model"])
 sparse = init.get("pruner") is not None
 pruner = MagnitudePruner.from_sparse_model(model) if sparse else None
+ddp_model = wrap_ddp(model, device, world)  # None for a single process
 start_masks = {n: m.clone() for n, m in pruner.masks.items()} if sparse else None
 print(f"init {cfg.init}: " + (f"sparse, {pruner.sparsity():.1%} of encoder weights zero, mask frozen" if sparse
                              else "dense, trained without masks"))
@@ -109,13 +118,14 @@ if cfg.resume and os.path.exists(ckpt_path):
     print(f"resuming {ckpt_path} at step {start}")
 print(f"\ncontinued MLM pretraining: {cfg.steps} steps of {cfg.batch_size} x {cfg.seq_len} tokens, lr {cfg.lr}")
 t_train = time.time()
-train(model, optimizer, lambda step: mlm_batch(blocks, step, cfg.mlm_prob, vocab_size, cfg.seed), cfg.steps,
+train(model, optimizer, lambda step: mlm_batch(blocks, step, cfg.mlm_prob, vocab_size, cfg.seed, rank, world), cfg.steps,
       peak_lr=cfg.lr, warmup_steps=int(cfg.warmup * cfg.steps), ckpt_path=ckpt_path,
       extra_state=dict(model_config=asdict(model_config), run_config=asdict(cfg), phase="bio", init=cfg.init,
                        tokenizer="tokenizer.json"),
       start_step=start, pruner=pruner, eval_fn=lambda: evaluate(model, "bio"), eval_every=cfg.eval_every,
-      log_every=cfg.log_every, ckpt_every=cfg.ckpt_every, device=device)
-save_run_files(out_dir, tokenizer, cfg)
+      log_every=cfg.log_every, ckpt_every=cfg.ckpt_every, device=device, ddp_model=ddp_model, is_main=rank == 0)
+if rank == 0:
+    save_run_files(out_dir, tokenizer, cfg)
 
 # %% 5) evaluate and check: held-out MLM before/after, and the zeros are exactly the ones we started with
 after = {d: evaluate(model, d) for d in held_out}

@@ -15,6 +15,7 @@ Run it cell by cell (`# %%`) in an editor, or top to bottom.
 """
 # %% 1) config
 import os
+import sys
 import time
 from dataclasses import asdict, dataclass
 
@@ -24,8 +25,9 @@ from tiny_sparse_bert.data import (Blocks, corpus_files, load_tokenizer, tokeniz
                                    documents)
 from tiny_sparse_bert.model import BertConfig, BertForMaskedLM, count_parameters
 from tiny_sparse_bert.pruning import MagnitudePruner
-from tiny_sparse_bert.train import (evaluate_mlm, load_checkpoint, make_optimizer, mlm_batch, parse_config,
-                                    pick_device, check_same_config, save_run_files, train, unigram_log_probs)
+from tiny_sparse_bert.train import (barrier, check_same_config, evaluate_mlm, load_checkpoint, make_optimizer,
+                                    mlm_batch, parse_config, save_run_files, setup_distributed, train,
+                                    unigram_log_probs, wrap_ddp)
 
 
 @dataclass
@@ -80,26 +82,33 @@ PRESETS = {
 }
 
 preset, cfg = parse_config(Config, PRESETS, __doc__.splitlines()[0])
-print(f"config (preset {preset}): {asdict(cfg)}")
 torch.manual_seed(cfg.seed)
-device = pick_device(cfg.device)
+rank, world, device = setup_distributed(cfg.device)  # one process, or one of `torchrun --nproc_per_node N`
+if rank != 0:
+    sys.stdout = open(os.devnull, "w")  # only rank 0 prints, evaluates and writes files
 sparse_name = f"general-sparse{round(cfg.final_sparsity * 100)}"
 dense_dir, sparse_dir = os.path.join(cfg.out, "general-dense"), os.path.join(cfg.out, sparse_name)
+print(f"config (preset {preset}, {world} process{'es' if world > 1 else ''} on {device}): {asdict(cfg)}")
 t_start = time.time()
 
 # %% 2) data: WordPiece tokenizer on the general corpus, then one cached token array per corpus
 general_files = corpus_files(cfg.data, "general")
 tokenizer_path = os.path.join(cfg.out, "tokenizer.json")
-if not os.path.exists(tokenizer_path):
+if rank == 0 and not os.path.exists(tokenizer_path):
     print(f"training a {cfg.vocab_size}-token WordPiece tokenizer -> {tokenizer_path}")
     train_tokenizer(documents(general_files, cfg.max_docs or None), cfg.vocab_size, tokenizer_path)
+barrier(world)  # the other ranks wait for rank 0's tokenizer
 tokenizer = load_tokenizer(tokenizer_path)
 if tokenizer.get_vocab_size() != cfg.vocab_size:
     raise SystemExit(f"error: {tokenizer_path} has {tokenizer.get_vocab_size()} tokens, config asks for "
                      f"{cfg.vocab_size}; delete it or use another --out")
 cache = os.path.join(cfg.data, "cache")
+if rank != 0:  # rank 0 builds the token caches, the others then read them
+    barrier(world)
 general_train, general_val = tokenize_corpus("general", general_files, tokenizer, cache, cfg.max_docs or None)
 _, bio_val = tokenize_corpus("bio", corpus_files(cfg.data, "bio"), tokenizer, cache, cfg.max_docs or None)
+if rank == 0:
+    barrier(world)
 print(f"general corpus: {len(general_train):,} training and {len(general_val):,} held-out tokens")
 blocks = Blocks(general_train, cfg.seq_len, cfg.batch_size, seed=cfg.seed)
 unigram = unigram_log_probs(general_train, cfg.vocab_size)
@@ -113,7 +122,7 @@ def evaluate(model, domain="general"):
 
 
 def batch_fn(step):
-    return mlm_batch(blocks, step, cfg.mlm_prob, cfg.vocab_size, cfg.seed)
+    return mlm_batch(blocks, step, cfg.mlm_prob, cfg.vocab_size, cfg.seed, rank, world)
 
 
 # %% 3) model
@@ -121,6 +130,7 @@ model_config = BertConfig(vocab_size=cfg.vocab_size, n_layer=cfg.n_layer, hidden
                           intermediate=cfg.intermediate, max_position=max(512, cfg.seq_len),
                           dropout=cfg.dropout, pre_norm=cfg.pre_norm)
 model = BertForMaskedLM(model_config).to(device)
+ddp_model = wrap_ddp(model, device, world)  # None for a single process
 print(f"model: {count_parameters(model):,} parameters; {model_config}")
 state = dict(model_config=asdict(model_config), run_config=asdict(cfg), tokenizer="tokenizer.json")
 
@@ -148,9 +158,10 @@ t_phase = time.time()
 train(model, optimizer, batch_fn, cfg.dense_steps, peak_lr=cfg.lr, warmup_steps=int(cfg.warmup * cfg.dense_steps),
       ckpt_path=os.path.join(dense_dir, "ckpt.pt"), extra_state=dict(state, phase="dense"), start_step=start,
       eval_fn=lambda: evaluate(model), eval_every=cfg.eval_every, log_every=cfg.log_every,
-      ckpt_every=cfg.ckpt_every, device=device)
+      ckpt_every=cfg.ckpt_every, device=device, ddp_model=ddp_model, is_main=rank == 0)
 dense_minutes = (time.time() - t_phase) / 60
-save_run_files(dense_dir, tokenizer, cfg)
+if rank == 0:
+    save_run_files(dense_dir, tokenizer, cfg)
 dense_eval = {d: evaluate(model, d) for d in held_out}
 print(f"dense model after {dense_minutes:.1f} min: {dense_eval['general']}")
 
@@ -173,9 +184,10 @@ train(model, optimizer, batch_fn, cfg.prune_steps, peak_lr=cfg.prune_lr,
       extra_state=dict(state, phase="sparse"), start_step=start, pruner=pruner, teacher=teacher,
       distill_alpha=cfg.distill, distill_temperature=cfg.distill_temperature,
       eval_fn=lambda: evaluate(model), eval_every=cfg.eval_every, log_every=cfg.log_every,
-      ckpt_every=cfg.ckpt_every, device=device)
+      ckpt_every=cfg.ckpt_every, device=device, ddp_model=ddp_model, is_main=rank == 0)
 sparse_minutes = (time.time() - t_phase) / 60
-save_run_files(sparse_dir, tokenizer, cfg)
+if rank == 0:
+    save_run_files(sparse_dir, tokenizer, cfg)
 assert abs(pruner.sparsity() - cfg.final_sparsity) < 1e-3, f"sparsity {pruner.sparsity():.4f} != target"
 
 # %% 6) report: held-out MLM on general and biomedical text, sparsity per layer, parameter counts

@@ -191,15 +191,13 @@ class Blocks:
     """Fixed-length `[CLS] t_1 ... t_{T-2} [SEP]` blocks cut from a flat token array.
 
     `batch(step)` is a pure function of the step (a seeded shuffle per epoch), so resuming at a
-    step reproduces the data order exactly. With `rank`/`world` each process takes its own
-    interleaved share of every global batch (distributed data parallel).
+    step reproduces the data order exactly.
     """
 
-    def __init__(self, tokens, seq_len, batch_size, seed=0, rank=0, world=1):
+    def __init__(self, tokens, seq_len, batch_size, seed=0):
         self.tokens, self.seq_len, self.seed = tokens, seq_len, seed
         self.n_blocks = len(tokens) // (seq_len - 2)
-        assert batch_size % world == 0, f"batch size {batch_size} not divisible by {world} processes"
-        self.batch_size, self.rank, self.world = batch_size, rank, world
+        self.batch_size = batch_size
         self.batches_per_epoch = self.n_blocks // batch_size
         assert self.batches_per_epoch > 0, f"corpus of {len(tokens)} tokens < one batch of {batch_size} blocks"
 
@@ -208,10 +206,10 @@ class Blocks:
         return np.concatenate([[CLS_ID], body, [SEP_ID]])
 
     def batch(self, step):
-        """(input_ids, attention_mask) of global step `step`, this rank's share: (B / world, T) each."""
+        """(input_ids, attention_mask) of step `step`: (B, T) each."""
         epoch, i = divmod(step, self.batches_per_epoch)
         order = np.random.default_rng([self.seed, epoch]).permutation(self.n_blocks)
-        ids = order[i * self.batch_size:(i + 1) * self.batch_size][self.rank::self.world]
+        ids = order[i * self.batch_size:(i + 1) * self.batch_size]
         x = torch.from_numpy(np.stack([self.block(j) for j in ids]))
         return x, torch.ones_like(x)
 

@@ -22,6 +22,7 @@ from dataclasses import asdict, fields, replace
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from tqdm import tqdm
 
@@ -40,6 +41,44 @@ def pick_device(name="auto"):
         torch.backends.cuda.matmul.allow_tf32 = True  # TF32 matmuls on Ampere and newer
         torch.backends.cudnn.allow_tf32 = True
     return torch.device(name)
+
+
+def setup_distributed(device_name="auto"):
+    """(rank, world size, device). Under `torchrun` (RANK and WORLD_SIZE set) this joins the process
+    group: nccl on CUDA (one GPU per process, by LOCAL_RANK), gloo on CPU. Otherwise (0, 1, device).
+    """
+    device = pick_device(device_name)
+    if "RANK" not in os.environ:
+        return 0, 1, device
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return rank, world, device
+
+
+def barrier(world):
+    """Wait until every process gets here (a no-op for a single process)."""
+    if world > 1:
+        dist.barrier()
+
+
+def wrap_ddp(model, device, world):
+    """DistributedDataParallel around `model` when there are several processes, else None."""
+    if world == 1:
+        return None
+    return torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+
+
+def check_masks_agree(masks):
+    """Masks come from identical weights on every rank; check cheaply (counts, index sums) that they match."""
+    fingerprint = torch.tensor([[float(m.sum()), float(m.flatten().nonzero().sum())] for m in masks.values()],
+                               dtype=torch.float64)
+    low, high = fingerprint.clone(), fingerprint.clone()
+    dist.all_reduce(low, op=dist.ReduceOp.MIN)
+    dist.all_reduce(high, op=dist.ReduceOp.MAX)
+    assert torch.equal(low, high), "pruning masks differ between ranks"
 
 
 def autocast(device):
@@ -73,12 +112,17 @@ def make_optimizer(model, lr, weight_decay, betas=(0.9, 0.98), eps=1e-6):
 
 # ---------------------------------------------------------------------------------- MLM batches and eval
 
-def mlm_batch(blocks, step, mlm_prob, vocab_size, seed):
-    """The masked batch of a step; the masking RNG is seeded by (seed, step), so resume needs no state."""
+def mlm_batch(blocks, step, mlm_prob, vocab_size, seed, rank=0, world=1):
+    """The masked batch of a step; the masking RNG is seeded by (seed, step), so resume needs no state.
+
+    Under torchrun every rank draws the same global batch and masks (cheap), then keeps its own
+    interleaved rows: together the ranks see exactly the batch a single process would.
+    """
     x, attention_mask = blocks.batch(step)
     g = torch.Generator().manual_seed(seed * 1_000_003 + step)
     x, labels = mask_tokens(x, attention_mask, mlm_prob, vocab_size, g)
-    return {"input_ids": x, "attention_mask": attention_mask, "labels": labels}
+    assert len(x) % world == 0, f"batch size {len(x)} is not divisible by {world} processes"
+    return {"input_ids": x[rank::world], "attention_mask": attention_mask[rank::world], "labels": labels[rank::world]}
 
 
 def unigram_log_probs(train_tokens, vocab_size):
@@ -182,7 +226,9 @@ def train(model, optimizer, batch_fn, steps, *, peak_lr, warmup_steps, ckpt_path
     try:
         for step in bar:
             if pruner:
-                pruner.update(step)
+                updated = pruner.update(step)
+                if updated and ddp_model is not None:
+                    check_masks_agree(pruner.masks)
             lr = linear_warmup_decay(step, peak_lr, warmup_steps, steps)
             for group in optimizer.param_groups:
                 group["lr"] = lr
@@ -199,7 +245,15 @@ def train(model, optimizer, batch_fn, steps, *, peak_lr, warmup_steps, ckpt_path
             if not torch.isfinite(loss):
                 raise NonFiniteLoss(f"loss is {loss.item()} at step {step}; stopped, the last good checkpoint "
                                     f"is {ckpt_path} (try a lower --lr or more --warmup)")
-            loss.backward()
+            if ddp_model is not None:
+                # weight each rank by its share of the labelled positions: DDP's average of the ranks'
+                # gradients is then the gradient of the mean over the whole global batch
+                n = (batch["labels"] != IGNORE_INDEX).sum().float()
+                total = n.clone()
+                dist.all_reduce(total)
+                (loss * n * dist.get_world_size() / total).backward()
+            else:
+                loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), clip_norm)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)

@@ -1,0 +1,70 @@
+"""Benchmark: encoder forward latency, dense (masked) weights vs `convert_to_sparse` CSR weights.
+
+    python tests/bench_sparse.py [--rounds 5] [--sizes default,base] [--sparsities 0.8,0.9,0.95]
+
+For each size (our default L4 H256 I1024, and a BERT-base-sized stack H768 I3072 with 4 layers:
+the per-layer cost is what matters) and sparsity, the same pruned encoder runs dense and sparse,
+alternately, round by round in one process; the table gives the median latency of each and
+the speedup. Also prints the compressed size of the prunable weights.
+"""
+import argparse
+import copy
+import statistics
+import time
+
+import torch
+
+from conftest import ROOT  # noqa: F401  (puts the repository on sys.path)
+from tiny_sparse_bert.model import BertConfig, BertModel
+from tiny_sparse_bert.pruning import MagnitudePruner
+from tiny_sparse_bert.sparse import convert_to_sparse, prunable_bytes
+
+SIZES = {"default": dict(n_layer=4, hidden=256, n_head=4, intermediate=1024),
+         "base": dict(n_layer=4, hidden=768, n_head=12, intermediate=3072)}
+
+
+def latency(model, x, rounds):
+    with torch.no_grad():
+        model(x)
+        times = []
+        for _ in range(rounds):
+            t = time.perf_counter()
+            model(x)
+            times.append(time.perf_counter() - t)
+    return times
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--sizes", default="default,base")
+    parser.add_argument("--sparsities", default="0.8,0.9,0.95")
+    parser.add_argument("--batches", default="1,32")
+    parser.add_argument("--seq-len", type=int, default=128)
+    args = parser.parse_args()
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; median of {args.rounds} rounds, "
+          f"dense and sparse alternated; sequence length {args.seq_len}")
+    print(f"| size | sparsity | batch | dense ms | sparse ms | speedup | prunable MB dense -> compressed |")
+    print("|---|---|---|---|---|---|---|")
+    for size in args.sizes.split(","):
+        for sparsity in map(float, args.sparsities.split(",")):
+            torch.manual_seed(0)
+            dense = BertModel(BertConfig(vocab_size=8192, dropout=0.0, **SIZES[size])).eval()
+            pruner = MagnitudePruner(dense, sparsity, 0, 0, 1)
+            pruner.update(0)
+            sparse = copy.deepcopy(dense)
+            convert_to_sparse(sparse)
+            d_bytes, c_bytes = prunable_bytes(dense)
+            for batch in map(int, args.batches.split(",")):
+                x = torch.randint(5, 8192, (batch, args.seq_len))
+                t_dense, t_sparse = [], []
+                for _ in range(args.rounds):  # alternate, so drifts in machine load hit both
+                    t_dense += latency(dense, x, 1)
+                    t_sparse += latency(sparse, x, 1)
+                d, s = statistics.median(t_dense) * 1000, statistics.median(t_sparse) * 1000
+                print(f"| {size} | {sparsity:.0%} | {batch} | {d:.1f} | {s:.1f} | {d / s:.2f}x | "
+                      f"{d_bytes / 1e6:.1f} -> {c_bytes / 1e6:.1f} ({d_bytes / c_bytes:.1f}x) |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
