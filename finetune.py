@@ -18,6 +18,7 @@ import copy
 import json
 import os
 import statistics
+import sys
 import time
 from dataclasses import asdict, dataclass, replace
 
@@ -29,7 +30,8 @@ from tiny_sparse_bert.model import BertConfig, BertForMaskedLM, BertForSequenceC
 from tiny_sparse_bert.pruning import MagnitudePruner, prunable_parameters
 from tiny_sparse_bert.tasks import (collate, encode, entity_f1, f1_scores, get_task, label_list, load_splits,
                                    multilabel_f1)
-from tiny_sparse_bert.train import autocast, load_checkpoint, make_optimizer, parse_config, pick_device, to_device, train
+from tiny_sparse_bert.train import (autocast, load_checkpoint, make_optimizer, parse_config, setup_distributed,
+                                    to_device, train, wrap_ddp)
 
 
 @dataclass
@@ -50,7 +52,8 @@ class Config:
     max_train: int = 4000          # training examples per task (0 = all)
     max_eval: int = 2000           # dev and test examples per task (0 = all)
     prune_during_finetune: float = 0.0  # ablation: prune dense models with GMP to this sparsity while fine-tuning
-    device: str = "auto"
+    device: str = "auto"           # auto | cpu | cuda
+    compile: bool = False         # torch.compile the model (worth it on a GPU)
 
 
 PRESETS = {
@@ -60,8 +63,10 @@ PRESETS = {
 }
 
 preset, cfg = parse_config(Config, PRESETS, __doc__.splitlines()[0])
-print(f"config (preset {preset}): {asdict(cfg)}")
-device = pick_device(cfg.device)
+rank, world, device = setup_distributed(cfg.device)  # one process, or one of `torchrun --nproc_per_node N`
+if rank != 0:
+    sys.stdout = open(os.devnull, "w")  # only rank 0 prints and writes files
+print(f"config (preset {preset}, {world} process{'es' if world > 1 else ''} on {device}): {asdict(cfg)}")
 model_dirs = [m for m in cfg.models.split(",") if m]
 tasks = [get_task(t) for t in cfg.tasks.split(",") if t]
 t_start = time.time()
@@ -164,7 +169,7 @@ for name, mlm, sparse, tokenizer in encoders:
                 epoch, i = divmod(step, steps_per_epoch)
                 if epoch not in orders:
                     orders[epoch] = rng.permutation(len(encoded["train"]))
-                idx = orders[epoch][i * cfg.batch_size:(i + 1) * cfg.batch_size]
+                idx = orders[epoch][i * cfg.batch_size:(i + 1) * cfg.batch_size][rank::world]  # this rank's rows
                 return collate([encoded["train"][j] for j in idx], task.kind)
 
             best = {"score": -1.0, "state": None}
@@ -177,7 +182,8 @@ for name, mlm, sparse, tokenizer in encoders:
 
             train(model, make_optimizer(model, cfg.lr, cfg.weight_decay), batch_fn, steps, peak_lr=cfg.lr,
                   warmup_steps=int(cfg.warmup * steps), ckpt_path=None, extra_state={}, pruner=pruner,
-                  eval_fn=select_on_dev, eval_every=steps_per_epoch, log_every=max(1, steps // 4), device=device)
+                  eval_fn=select_on_dev, eval_every=steps_per_epoch, log_every=max(1, steps // 4), device=device,
+                  ddp_model=wrap_ddp(model, device, world), is_main=rank == 0, compile=cfg.compile)
             select_on_dev()
             model.load_state_dict(best["state"])
             if sparse:  # exactly the pretrained zeros, no more, no fewer
@@ -216,6 +222,8 @@ for name in results:
                 [f"{100 * avg:.1f}", recovery])
 table = "\n".join("| " + " | ".join(r) + " |" for r in [header, ["---"] * len(header)] + rows)
 print("\n" + table)
+if rank != 0:
+    sys.exit(0)
 os.makedirs(cfg.out, exist_ok=True)
 with open(os.path.join(cfg.out, "results.md"), "w") as f:
     f.write(f"Test scores (x100), {cfg.seeds} seed(s); `python finetune.py` with {asdict(cfg)}\n\n{table}\n")

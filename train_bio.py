@@ -47,7 +47,8 @@ class Config:
     log_every: int = 50
     ckpt_every: int = 250
     seed: int = 0
-    device: str = "auto"
+    device: str = "auto"           # auto | cpu | cuda
+    compile: bool = False         # torch.compile the model (worth it on a GPU)
     resume: bool = False
 
 
@@ -88,7 +89,7 @@ held_out = {"bio": (Blocks(bio_val, cfg.seq_len, cfg.batch_size), unigram_log_pr
 
 def evaluate(model, domain):
     val_blocks, unigram = held_out[domain]
-    r = evaluate_mlm(model, val_blocks, unigram, cfg.eval_batches, cfg.mlm_prob, device=device)
+    r = evaluate_mlm(model, val_blocks, unigram, cfg.eval_batches, device=device)
     return f"{domain} MLM loss {r['loss']:.3f} (unigram {r['unigram']:.3f}) acc {r['acc']:.1%}"
 
 
@@ -123,7 +124,8 @@ train(model, optimizer, lambda step: mlm_batch(blocks, step, cfg.mlm_prob, vocab
       extra_state=dict(model_config=asdict(model_config), run_config=asdict(cfg), phase="bio", init=cfg.init,
                        tokenizer="tokenizer.json"),
       start_step=start, pruner=pruner, eval_fn=lambda: evaluate(model, "bio"), eval_every=cfg.eval_every,
-      log_every=cfg.log_every, ckpt_every=cfg.ckpt_every, device=device, ddp_model=ddp_model, is_main=rank == 0)
+      log_every=cfg.log_every, ckpt_every=cfg.ckpt_every, device=device, ddp_model=ddp_model, is_main=rank == 0,
+      compile=cfg.compile)
 if rank == 0:
     save_run_files(out_dir, tokenizer, cfg)
 

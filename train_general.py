@@ -69,6 +69,7 @@ class Config:
     ckpt_every: int = 250
     seed: int = 0
     device: str = "auto"           # auto | cpu | cuda
+    compile: bool = False         # torch.compile the model (worth it on a GPU)
     resume: bool = False
 
 
@@ -117,7 +118,7 @@ held_out = {"general": Blocks(general_val, cfg.seq_len, cfg.batch_size),
 
 
 def evaluate(model, domain="general"):
-    r = evaluate_mlm(model, held_out[domain], unigram, cfg.eval_batches, cfg.mlm_prob, device=device)
+    r = evaluate_mlm(model, held_out[domain], unigram, cfg.eval_batches, device=device)
     return f"{domain} MLM loss {r['loss']:.3f} (unigram {r['unigram']:.3f}) acc {r['acc']:.1%}"
 
 
@@ -158,7 +159,8 @@ t_phase = time.time()
 train(model, optimizer, batch_fn, cfg.dense_steps, peak_lr=cfg.lr, warmup_steps=int(cfg.warmup * cfg.dense_steps),
       ckpt_path=os.path.join(dense_dir, "ckpt.pt"), extra_state=dict(state, phase="dense"), start_step=start,
       eval_fn=lambda: evaluate(model), eval_every=cfg.eval_every, log_every=cfg.log_every,
-      ckpt_every=cfg.ckpt_every, device=device, ddp_model=ddp_model, is_main=rank == 0)
+      ckpt_every=cfg.ckpt_every, device=device, ddp_model=ddp_model, is_main=rank == 0,
+      compile=cfg.compile)
 dense_minutes = (time.time() - t_phase) / 60
 if rank == 0:
     save_run_files(dense_dir, tokenizer, cfg)
@@ -184,7 +186,8 @@ train(model, optimizer, batch_fn, cfg.prune_steps, peak_lr=cfg.prune_lr,
       extra_state=dict(state, phase="sparse"), start_step=start, pruner=pruner, teacher=teacher,
       distill_alpha=cfg.distill, distill_temperature=cfg.distill_temperature,
       eval_fn=lambda: evaluate(model), eval_every=cfg.eval_every, log_every=cfg.log_every,
-      ckpt_every=cfg.ckpt_every, device=device, ddp_model=ddp_model, is_main=rank == 0)
+      ckpt_every=cfg.ckpt_every, device=device, ddp_model=ddp_model, is_main=rank == 0,
+      compile=cfg.compile)
 sparse_minutes = (time.time() - t_phase) / 60
 if rank == 0:
     save_run_files(sparse_dir, tokenizer, cfg)
@@ -193,7 +196,7 @@ assert abs(pruner.sparsity() - cfg.final_sparsity) < 1e-3, f"sparsity {pruner.sp
 # %% 6) report: held-out MLM on general and biomedical text, sparsity per layer, parameter counts
 sparse_eval = {d: evaluate(model, d) for d in held_out}
 print("\n" + pruner.sparsity_report(model))
-print(f"\nheld-out MLM ({cfg.eval_batches} batches of {cfg.batch_size} x {cfg.seq_len}, {cfg.mlm_prob:.0%} masked):")
+print(f"\nheld-out MLM ({cfg.eval_batches} batches of {cfg.batch_size} x {cfg.seq_len}, 15% masked):")
 for name, ev, minutes in (("general-dense", dense_eval, dense_minutes), (sparse_name, sparse_eval, sparse_minutes)):
     print(f"  {name:18s} ({minutes:5.1f} min)  {ev['general']}\n  {'':18s}              {ev['bio']}")
 print(f"\ntotal wall time {(time.time() - t_start) / 60:.1f} min")

@@ -79,3 +79,18 @@ def test_finetune_tiny_table(bio, mirror_data):
     table = (out / "finetune" / "results.md").read_text()
     assert "| bio-sparse90 | 90% |" in table and "recovery vs dense" in table
     assert "| random-init |" in log
+
+
+def test_torchrun_two_processes_and_resume(mirror_data, tmp_path):
+    """train_general.py under `torchrun --nproc_per_node 2` (gloo on CPU), then --resume in that mode."""
+    args = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "train_general.py",
+            "--preset", "tiny", "--data", mirror_data, "--out", str(tmp_path), "--dense-steps", "8",
+            "--prune-steps", "8", "--prune-every", "2", "--ckpt-every", "4"]
+    log = run_script(args)
+    assert "2 processes on cpu" in log and log.count("wrote ") == 1  # rank 0 alone prints
+    model, ckpt = load_model(tmp_path / "general-sparse90")
+    assert ckpt["step"] == 8
+    weights = prunable_parameters(model).values()
+    assert sum(int((w == 0).sum()) for w in weights) == sum(round(0.9 * w.numel()) for w in weights)
+    log = run_script(args + ["--resume"])
+    assert "resuming" in log

@@ -92,3 +92,15 @@ def test_ctrl_c_saves_and_exits(tmp_path):
     ckpt = load_checkpoint(tmp_path / "c.pt")
     assert ckpt["step"] == 4 and ckpt["note"] == "kept"  # the step in flight completed, then it saved
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handler restored
+
+
+def test_cuda_arguments_without_a_gpu(monkeypatch):
+    """The CUDA-only lines, exercised for argument handling on a machine without a GPU."""
+    from tiny_sparse_bert.train import autocast, pick_device, setup_distributed
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(SystemExit, match="no CUDA GPU"):
+        pick_device("cuda")
+    assert pick_device("auto").type == "cpu"
+    assert isinstance(autocast(torch.device("cuda")), torch.autocast)  # bf16 autocast object for CUDA
+    monkeypatch.delenv("RANK", raising=False)
+    assert setup_distributed("cpu") == (0, 1, torch.device("cpu"))

@@ -112,6 +112,9 @@ def make_optimizer(model, lr, weight_decay, betas=(0.9, 0.98), eps=1e-6):
 
 # ---------------------------------------------------------------------------------- MLM batches and eval
 
+EVAL_MLM_PROB = 0.15  # held-out MLM is always measured with BERT's masking rate
+
+
 def mlm_batch(blocks, step, mlm_prob, vocab_size, seed, rank=0, world=1):
     """The masked batch of a step; the masking RNG is seeded by (seed, step), so resume needs no state.
 
@@ -135,9 +138,10 @@ def unigram_log_probs(train_tokens, vocab_size):
 
 
 @torch.no_grad()
-def evaluate_mlm(model, blocks, unigram_logp, n_batches=20, mlm_prob=0.15, seed=1234, device=None):
+def evaluate_mlm(model, blocks, unigram_logp, n_batches=20, mlm_prob=EVAL_MLM_PROB, seed=1234, device=None):
     """Held-out MLM loss and accuracy on fixed blocks and fixed masks, next to the unigram loss.
 
+    Always BERT's 15% masking, whatever rate training uses, so that losses stay comparable.
     `unigram` is the loss of the best context-blind model on the same masked tokens: a model
     has learned something about language only once its loss is below it.
     """
@@ -193,16 +197,19 @@ class NonFiniteLoss(RuntimeError):
 def train(model, optimizer, batch_fn, steps, *, peak_lr, warmup_steps, ckpt_path, extra_state,
           pruner=None, teacher=None, distill_temperature=2.0, distill_alpha=0.5, clip_norm=1.0,
           eval_fn=None, eval_every=0, log_every=50, ckpt_every=500, start_step=0, device=None,
-          ddp_model=None, is_main=True):
+          ddp_model=None, is_main=True, compile=False):
     """Run steps [start_step, steps) of AdamW on `batch_fn(step)` batches; save to `ckpt_path`.
 
     `extra_state` (configs, tokenizer path, ...) is stored in every checkpoint. With `teacher`
     (a dense model of the same vocabulary) the loss mixes the hard MLM loss with a soft-target KL
     at the masked positions (Hinton et al. 2015; Sanh et al. 2019). `ddp_model` is the
-    DistributedDataParallel wrapper of `model` when running under torchrun.
+    DistributedDataParallel wrapper of `model` when running under torchrun. `compile` runs the
+    forward and backward through torch.compile (dynamic shapes: the number of masked positions varies).
     """
     device = device or next(model.parameters()).device
     forward = ddp_model or model
+    if compile:
+        forward = torch.compile(forward, dynamic=True)
     model.train()
 
     def checkpoint(step):  # `step` = the number of completed steps; ckpt_path None = no checkpoints
