@@ -31,7 +31,7 @@ from tiny_sparse_bert.pruning import MagnitudePruner, prunable_parameters
 from tiny_sparse_bert.tasks import (collate, encode, entity_f1, f1_scores, get_task, label_list, load_splits,
                                    multilabel_f1)
 from tiny_sparse_bert.train import (autocast, load_checkpoint, make_optimizer, parse_config, setup_distributed,
-                                    to_device, train, wrap_ddp)
+                                    to_device, train, use_bf16, wrap_ddp)
 
 
 @dataclass
@@ -54,6 +54,7 @@ class Config:
     prune_during_finetune: float = 0.0  # ablation: prune dense models with GMP to this sparsity while fine-tuning
     device: str = "auto"           # auto | cpu | cuda
     compile: bool = False         # torch.compile the model (worth it on a GPU)
+    precision: str = "auto"        # auto (bf16 on CUDA and AMX CPUs, else fp32) | bf16 | fp32
 
 
 PRESETS = {
@@ -64,9 +65,10 @@ PRESETS = {
 
 preset, cfg = parse_config(Config, PRESETS, __doc__.splitlines()[0])
 rank, world, device = setup_distributed(cfg.device)  # one process, or one of `torchrun --nproc_per_node N`
+bf16 = use_bf16(device, cfg.precision)
 if rank != 0:
     sys.stdout = open(os.devnull, "w")  # only rank 0 prints and writes files
-print(f"config (preset {preset}, {world} process{'es' if world > 1 else ''} on {device}): {asdict(cfg)}")
+print(f"config (preset {preset}, {world} process{'es' if world > 1 else ''} on {device}{', bf16' if bf16 else ''}): {asdict(cfg)}")
 model_dirs = [m for m in cfg.models.split(",") if m]
 tasks = [get_task(t) for t in cfg.tasks.split(",") if t]
 t_start = time.time()
@@ -120,7 +122,7 @@ def evaluate(model, task, items, n_labels):
     for start in range(0, len(order), 64):
         idx = order[start:start + 64]
         batch = to_device(collate([items[i] for i in idx], task.kind), device)
-        with autocast(device):
+        with autocast(device, bf16):
             logits, _ = model(batch["input_ids"], batch["attention_mask"], batch["token_type_ids"])
         logits = logits.float().cpu()
         for row, i in enumerate(idx):
@@ -183,7 +185,7 @@ for name, mlm, sparse, tokenizer in encoders:
             train(model, make_optimizer(model, cfg.lr, cfg.weight_decay), batch_fn, steps, peak_lr=cfg.lr,
                   warmup_steps=int(cfg.warmup * steps), ckpt_path=None, extra_state={}, pruner=pruner,
                   eval_fn=select_on_dev, eval_every=steps_per_epoch, log_every=max(1, steps // 4), device=device,
-                  ddp_model=wrap_ddp(model, device, world), is_main=rank == 0, compile=cfg.compile)
+                  ddp_model=wrap_ddp(model, device, world), is_main=rank == 0, compile=cfg.compile, bf16=bf16)
             select_on_dev()
             model.load_state_dict(best["state"])
             if sparse:  # exactly the pretrained zeros, no more, no fewer

@@ -25,7 +25,7 @@ from tiny_sparse_bert.data import Blocks, corpus_files, load_tokenizer, tokenize
 from tiny_sparse_bert.model import BertConfig, BertForMaskedLM
 from tiny_sparse_bert.pruning import MagnitudePruner
 from tiny_sparse_bert.train import (barrier, check_same_config, evaluate_mlm, load_checkpoint, make_optimizer,
-                                    mlm_batch, parse_config, save_run_files, setup_distributed, train,
+                                    mlm_batch, parse_config, save_run_files, setup_distributed, train, use_bf16,
                                     unigram_log_probs, wrap_ddp)
 
 
@@ -49,6 +49,7 @@ class Config:
     seed: int = 0
     device: str = "auto"           # auto | cpu | cuda
     compile: bool = False         # torch.compile the model (worth it on a GPU)
+    precision: str = "auto"        # auto (bf16 on CUDA and AMX CPUs, else fp32) | bf16 | fp32
     resume: bool = False
 
 
@@ -65,9 +66,10 @@ out_dir = cfg.out or os.path.join(os.path.dirname(cfg.init.rstrip("/")),
 assert os.path.abspath(out_dir) != os.path.abspath(cfg.init), "--out must differ from --init"
 torch.manual_seed(cfg.seed)
 rank, world, device = setup_distributed(cfg.device)  # one process, or one of `torchrun --nproc_per_node N`
+bf16 = use_bf16(device, cfg.precision)
 if rank != 0:
     sys.stdout = open(os.devnull, "w")  # only rank 0 prints, evaluates and writes files
-print(f"config (preset {preset}, {world} process{'es' if world > 1 else ''} on {device}): {asdict(cfg)}")
+print(f"config (preset {preset}, {world} process{'es' if world > 1 else ''} on {device}{', bf16' if bf16 else ''}): {asdict(cfg)}")
 t_start = time.time()
 
 # %% 2) data: the general checkpoint's tokenizer on the biomedical corpus
@@ -89,7 +91,7 @@ held_out = {"bio": (Blocks(bio_val, cfg.seq_len, cfg.batch_size), unigram_log_pr
 
 def evaluate(model, domain):
     val_blocks, unigram = held_out[domain]
-    r = evaluate_mlm(model, val_blocks, unigram, cfg.eval_batches, device=device)
+    r = evaluate_mlm(model, val_blocks, unigram, cfg.eval_batches, device=device, bf16=bf16)
     return f"{domain} MLM loss {r['loss']:.3f} (unigram {r['unigram']:.3f}) acc {r['acc']:.1%}"
 
 
@@ -125,7 +127,7 @@ train(model, optimizer, lambda step: mlm_batch(blocks, step, cfg.mlm_prob, vocab
                        tokenizer="tokenizer.json"),
       start_step=start, pruner=pruner, eval_fn=lambda: evaluate(model, "bio"), eval_every=cfg.eval_every,
       log_every=cfg.log_every, ckpt_every=cfg.ckpt_every, device=device, ddp_model=ddp_model, is_main=rank == 0,
-      compile=cfg.compile)
+      compile=cfg.compile, bf16=bf16)
 if rank == 0:
     save_run_files(out_dir, tokenizer, cfg)
 

@@ -26,7 +26,7 @@ from tiny_sparse_bert.data import (Blocks, corpus_files, load_tokenizer, tokeniz
 from tiny_sparse_bert.model import BertConfig, BertForMaskedLM, count_parameters
 from tiny_sparse_bert.pruning import MagnitudePruner
 from tiny_sparse_bert.train import (barrier, check_same_config, evaluate_mlm, load_checkpoint, make_optimizer,
-                                    mlm_batch, parse_config, save_run_files, setup_distributed, train,
+                                    mlm_batch, parse_config, save_run_files, setup_distributed, train, use_bf16,
                                     unigram_log_probs, wrap_ddp)
 
 
@@ -70,6 +70,7 @@ class Config:
     seed: int = 0
     device: str = "auto"           # auto | cpu | cuda
     compile: bool = False         # torch.compile the model (worth it on a GPU)
+    precision: str = "auto"        # auto (bf16 on CUDA and AMX CPUs, else fp32) | bf16 | fp32
     resume: bool = False
 
 
@@ -85,11 +86,12 @@ PRESETS = {
 preset, cfg = parse_config(Config, PRESETS, __doc__.splitlines()[0])
 torch.manual_seed(cfg.seed)
 rank, world, device = setup_distributed(cfg.device)  # one process, or one of `torchrun --nproc_per_node N`
+bf16 = use_bf16(device, cfg.precision)
 if rank != 0:
     sys.stdout = open(os.devnull, "w")  # only rank 0 prints, evaluates and writes files
 sparse_name = f"general-sparse{round(cfg.final_sparsity * 100)}"
 dense_dir, sparse_dir = os.path.join(cfg.out, "general-dense"), os.path.join(cfg.out, sparse_name)
-print(f"config (preset {preset}, {world} process{'es' if world > 1 else ''} on {device}): {asdict(cfg)}")
+print(f"config (preset {preset}, {world} process{'es' if world > 1 else ''} on {device}{', bf16' if bf16 else ''}): {asdict(cfg)}")
 t_start = time.time()
 
 # %% 2) data: WordPiece tokenizer on the general corpus, then one cached token array per corpus
@@ -118,7 +120,7 @@ held_out = {"general": Blocks(general_val, cfg.seq_len, cfg.batch_size),
 
 
 def evaluate(model, domain="general"):
-    r = evaluate_mlm(model, held_out[domain], unigram, cfg.eval_batches, device=device)
+    r = evaluate_mlm(model, held_out[domain], unigram, cfg.eval_batches, device=device, bf16=bf16)
     return f"{domain} MLM loss {r['loss']:.3f} (unigram {r['unigram']:.3f}) acc {r['acc']:.1%}"
 
 
@@ -160,7 +162,7 @@ train(model, optimizer, batch_fn, cfg.dense_steps, peak_lr=cfg.lr, warmup_steps=
       ckpt_path=os.path.join(dense_dir, "ckpt.pt"), extra_state=dict(state, phase="dense"), start_step=start,
       eval_fn=lambda: evaluate(model), eval_every=cfg.eval_every, log_every=cfg.log_every,
       ckpt_every=cfg.ckpt_every, device=device, ddp_model=ddp_model, is_main=rank == 0,
-      compile=cfg.compile)
+      compile=cfg.compile, bf16=bf16)
 dense_minutes = (time.time() - t_phase) / 60
 if rank == 0:
     save_run_files(dense_dir, tokenizer, cfg)
@@ -187,7 +189,7 @@ train(model, optimizer, batch_fn, cfg.prune_steps, peak_lr=cfg.prune_lr,
       distill_alpha=cfg.distill, distill_temperature=cfg.distill_temperature,
       eval_fn=lambda: evaluate(model), eval_every=cfg.eval_every, log_every=cfg.log_every,
       ckpt_every=cfg.ckpt_every, device=device, ddp_model=ddp_model, is_main=rank == 0,
-      compile=cfg.compile)
+      compile=cfg.compile, bf16=bf16)
 sparse_minutes = (time.time() - t_phase) / 60
 if rank == 0:
     save_run_files(sparse_dir, tokenizer, cfg)

@@ -94,13 +94,17 @@ def test_ctrl_c_saves_and_exits(tmp_path):
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handler restored
 
 
+@pytest.mark.filterwarnings("ignore:CUDA is not available")
 def test_cuda_arguments_without_a_gpu(monkeypatch):
     """The CUDA-only lines, exercised for argument handling on a machine without a GPU."""
-    from tiny_sparse_bert.train import autocast, pick_device, setup_distributed
+    from tiny_sparse_bert.train import autocast, pick_device, setup_distributed, use_bf16
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     with pytest.raises(SystemExit, match="no CUDA GPU"):
         pick_device("cuda")
     assert pick_device("auto").type == "cpu"
-    assert isinstance(autocast(torch.device("cuda")), torch.autocast)  # bf16 autocast object for CUDA
+    assert isinstance(autocast(torch.device("cuda"), True), torch.autocast)  # bf16 autocast object for CUDA
+    assert use_bf16(torch.device("cuda")) and not use_bf16(torch.device("cpu"), "fp32")
+    with pytest.raises(SystemExit, match="--precision"):
+        use_bf16(torch.device("cpu"), "fp16")
     monkeypatch.delenv("RANK", raising=False)
     assert setup_distributed("cpu") == (0, 1, torch.device("cpu"))
