@@ -37,13 +37,13 @@ class Config:
     max_docs: int = 0              # use only the first N documents of each corpus (0 = all)
     seq_len: int = 128
     batch_size: int = 32
-    mlm_prob: float = 0.15
-    steps: int = 1000
-    lr: float = 5e-4
+    mlm_prob: float = 0.4          # as in train_general.py (BERT: 0.15)
+    steps: int = 900
+    lr: float = 1e-3
     warmup: float = 0.06
     weight_decay: float = 0.01
     eval_batches: int = 20
-    eval_every: int = 500
+    eval_every: int = 300
     log_every: int = 50
     ckpt_every: int = 250
     seed: int = 0
