@@ -109,18 +109,19 @@ cache = os.path.join(cfg.data, "cache")
 if rank != 0:  # rank 0 builds the token caches, the others then read them
     barrier(world)
 general_train, general_val = tokenize_corpus("general", general_files, tokenizer, cache, cfg.max_docs or None)
-_, bio_val = tokenize_corpus("bio", corpus_files(cfg.data, "bio"), tokenizer, cache, cfg.max_docs or None)
+bio_train, bio_val = tokenize_corpus("bio", corpus_files(cfg.data, "bio"), tokenizer, cache, cfg.max_docs or None)
 if rank == 0:
     barrier(world)
 print(f"general corpus: {len(general_train):,} training and {len(general_val):,} held-out tokens")
 blocks = Blocks(general_train, cfg.seq_len, cfg.batch_size, seed=cfg.seed)
-unigram = unigram_log_probs(general_train, cfg.vocab_size)
-held_out = {"general": Blocks(general_val, cfg.seq_len, cfg.batch_size),
-            "bio": Blocks(bio_val, cfg.seq_len, cfg.batch_size)}
+held_out = {  # per domain: held-out blocks, and the unigram model of its training text (the context-blind floor)
+    "general": (Blocks(general_val, cfg.seq_len, cfg.batch_size), unigram_log_probs(general_train, cfg.vocab_size)),
+    "bio": (Blocks(bio_val, cfg.seq_len, cfg.batch_size), unigram_log_probs(bio_train, cfg.vocab_size))}
 
 
 def evaluate(model, domain="general"):
-    r = evaluate_mlm(model, held_out[domain], unigram, cfg.eval_batches, device=device, bf16=bf16)
+    val_blocks, unigram = held_out[domain]
+    r = evaluate_mlm(model, val_blocks, unigram, cfg.eval_batches, device=device, bf16=bf16)
     return f"{domain} MLM loss {r['loss']:.3f} (unigram {r['unigram']:.3f}) acc {r['acc']:.1%}"
 
 
