@@ -123,3 +123,14 @@ def test_blocks_deterministic_and_sharded():
 
 def test_unigram_entropy():
     assert unigram_entropy(np.array([5, 6, 7, 8] * 10 + [CLS_ID] * 7)) == pytest.approx(np.log(4))
+
+
+def test_missing_inputs_are_one_line_errors(tmp_path):
+    from tiny_sparse_bert.data import corpus_files
+    from tiny_sparse_bert.train import load_checkpoint
+    with pytest.raises(SystemExit, match="no general corpus under .*data/prepare.py"):
+        corpus_files(str(tmp_path), "general")
+    with pytest.raises(SystemExit, match="no tokenizer at"):
+        load_tokenizer(str(tmp_path / "tokenizer.json"))
+    with pytest.raises(SystemExit, match="no checkpoint at"):
+        load_checkpoint(str(tmp_path / "ckpt.pt"))

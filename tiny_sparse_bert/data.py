@@ -51,7 +51,7 @@ def train_tokenizer(documents, vocab_size, path):
 
 def load_tokenizer(path):
     if not os.path.exists(path):
-        raise FileNotFoundError(f"no tokenizer at {path}: run train_general.py first")
+        raise SystemExit(f"error: no tokenizer at {path}: run train_general.py first")
     tok = Tokenizer.from_file(path)
     if [tok.token_to_id(t) for t in SPECIAL_TOKENS] != list(range(NUM_SPECIAL)):
         raise ValueError(f"{path}: special tokens are not {SPECIAL_TOKENS} at ids 0..{NUM_SPECIAL - 1}")
@@ -116,7 +116,7 @@ def corpus_files(data_dir, domain):
     }[domain]
     files = [(reader, p) for reader, pattern in patterns for p in sorted(glob.glob(os.path.join(data_dir, pattern)))]
     if not files:
-        raise FileNotFoundError(f"no {domain} corpus under {data_dir}: run `python data/prepare.py` first")
+        raise SystemExit(f"error: no {domain} corpus under {data_dir}: run `python data/prepare.py` first")
     return files
 
 

@@ -195,7 +195,7 @@ def save_checkpoint(path, **state):
 
 def load_checkpoint(path):
     if not os.path.exists(path):
-        raise FileNotFoundError(f"no checkpoint at {path}")
+        raise SystemExit(f"error: no checkpoint at {path} (run the previous script first, or check the path)")
     return torch.load(path, map_location="cpu", weights_only=True)
 
 
@@ -208,8 +208,8 @@ def check_same_config(ckpt, model_config, what):
 
 # ---------------------------------------------------------------------------------- the loop
 
-class NonFiniteLoss(RuntimeError):
-    pass
+class NonFiniteLoss(SystemExit):
+    """Raised when the loss is NaN or infinite: the script stops with this one-line message."""
 
 
 def train(model, optimizer, batch_fn, steps, *, peak_lr, warmup_steps, ckpt_path, extra_state,
@@ -268,7 +268,7 @@ def train(model, optimizer, batch_fn, steps, *, peak_lr, warmup_steps, ckpt_path
                                   log_target=True, reduction="batchmean") * T * T
                     loss = (1 - distill_alpha) * loss + distill_alpha * kl
             if not torch.isfinite(loss):
-                raise NonFiniteLoss(f"loss is {loss.item()} at step {step}; stopped, the last good checkpoint "
+                raise NonFiniteLoss(f"error: loss is {loss.item()} at step {step}; stopped, the last good checkpoint "
                                     f"is {ckpt_path} (try a lower --lr or more --warmup)")
             if ddp_model is not None:
                 # weight each rank by its share of the labelled positions: DDP's average of the ranks'
