@@ -76,7 +76,10 @@ t_start = time.time()
 # %% 2) data: each task's splits, read and checked once (encoded per tokenizer below)
 splits, labels = {}, {}
 for task in tasks:
-    splits[task.name] = load_splits(task, cfg.data)
+    try:
+        splits[task.name] = load_splits(task, cfg.data)
+    except ValueError as e:  # a malformed line: the reader's message names the file, line and format
+        raise SystemExit(f"error: {e}")
     labels[task.name] = label_list(task, splits[task.name])
     for split, limit in (("train", cfg.max_train), ("dev", cfg.max_eval), ("test", cfg.max_eval)):
         if limit:  # a seeded sample, not the first lines (files are often sorted by document)
