@@ -94,3 +94,17 @@ def test_torchrun_two_processes_and_resume(mirror_data, tmp_path):
     assert sum(int((w == 0).sum()) for w in weights) == sum(round(0.9 * w.numel()) for w in weights)
     log = run_script(args + ["--resume"])
     assert "resuming" in log
+
+
+def test_finetune_reports_a_malformed_user_file(general, tmp_path):
+    import subprocess
+    import sys
+    from conftest import ROOT
+    out, _ = general
+    (tmp_path / "train.tsv").write_text("good film\tpos\nthis line has no label\n")
+    for split in ("dev.tsv", "test.tsv"):
+        (tmp_path / split).write_text("fine\tpos\n")
+    r = subprocess.run([sys.executable, "finetune.py", "--preset", "tiny", "--models", str(out / "general-dense"),
+                        "--tasks", f"cls:{tmp_path}"], cwd=ROOT, capture_output=True, text=True)
+    assert r.returncode == 1
+    assert r.stderr.strip().splitlines()[-1] == f"error: {tmp_path / 'train.tsv'}:2: expected 'sentence<TAB>label'"
