@@ -24,8 +24,8 @@ import torch
 from tiny_sparse_bert.data import Blocks, corpus_files, load_tokenizer, tokenize_corpus
 from tiny_sparse_bert.model import BertConfig, BertForMaskedLM
 from tiny_sparse_bert.pruning import MagnitudePruner
-from tiny_sparse_bert.train import (barrier, check_same_config, evaluate_mlm, load_checkpoint, make_optimizer,
-                                    mlm_batch, parse_config, save_run_files, setup_distributed, train, use_bf16,
+from tiny_sparse_bert.train import (barrier, evaluate_mlm, load_checkpoint, make_optimizer,
+                                    mlm_batch, parse_config, resume, save_run_files, setup_distributed, train, use_bf16,
                                     unigram_log_probs, wrap_ddp)
 
 
@@ -110,15 +110,8 @@ before = {d: evaluate(model, d) for d in held_out}
 
 # %% 4) train: continued MLM pretraining on biomedical text
 optimizer = make_optimizer(model, cfg.lr, cfg.weight_decay)
-ckpt_path, start = os.path.join(out_dir, "ckpt.pt"), 0
-if cfg.resume and os.path.exists(ckpt_path):
-    ckpt = load_checkpoint(ckpt_path)
-    check_same_config(ckpt, asdict(model_config), ckpt_path)
-    model.load_state_dict(ckpt["model"])
-    optimizer.load_state_dict(ckpt["optimizer"])
-    torch.set_rng_state(ckpt["rng"])
-    start = ckpt["step"]
-    print(f"resuming {ckpt_path} at step {start}")
+ckpt_path = os.path.join(out_dir, "ckpt.pt")
+start = resume(ckpt_path, model, optimizer) if cfg.resume and os.path.exists(ckpt_path) else 0
 print(f"\ncontinued MLM pretraining: {cfg.steps} steps of {cfg.batch_size} x {cfg.seq_len} tokens, lr {cfg.lr}")
 t_train = time.time()
 train(model, optimizer, lambda step: mlm_batch(blocks, step, cfg.mlm_prob, vocab_size, cfg.seed, rank, world), cfg.steps,

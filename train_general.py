@@ -25,8 +25,8 @@ from tiny_sparse_bert.data import (Blocks, corpus_files, load_tokenizer, tokeniz
                                    documents)
 from tiny_sparse_bert.model import BertConfig, BertForMaskedLM, count_parameters
 from tiny_sparse_bert.pruning import MagnitudePruner
-from tiny_sparse_bert.train import (barrier, check_same_config, evaluate_mlm, load_checkpoint, make_optimizer,
-                                    mlm_batch, parse_config, save_run_files, setup_distributed, train, use_bf16,
+from tiny_sparse_bert.train import (barrier, evaluate_mlm, make_optimizer,
+                                    mlm_batch, parse_config, resume, save_run_files, setup_distributed, train, use_bf16,
                                     unigram_log_probs, wrap_ddp)
 
 
@@ -139,28 +139,14 @@ print(f"model: {count_parameters(model):,} parameters; {model_config}")
 state = dict(model_config=asdict(model_config), run_config=asdict(cfg), tokenizer="tokenizer.json")
 
 
-def restore(path, model, optimizer, pruner=None):
-    """With --resume, load a phase's checkpoint into model/optimizer/pruner; return the step to start at."""
-    if not (cfg.resume and os.path.exists(path)):
-        return 0
-    ckpt = load_checkpoint(path)
-    check_same_config(ckpt, asdict(model_config), path)
-    model.load_state_dict(ckpt["model"])
-    optimizer.load_state_dict(ckpt["optimizer"])
-    if pruner:
-        pruner.load_state_dict(ckpt["pruner"])
-    torch.set_rng_state(ckpt["rng"])
-    print(f"resuming {path} at step {ckpt['step']}")
-    return ckpt["step"]
-
-
 # %% 4) phase 1: dense MLM pretraining from scratch
 print(f"\nphase 1: dense MLM, {cfg.dense_steps} steps of {cfg.batch_size} x {cfg.seq_len} tokens, lr {cfg.lr}")
 optimizer = make_optimizer(model, cfg.lr, cfg.weight_decay)
-start = restore(os.path.join(dense_dir, "ckpt.pt"), model, optimizer)
+dense_ckpt = os.path.join(dense_dir, "ckpt.pt")
+start = resume(dense_ckpt, model, optimizer) if cfg.resume and os.path.exists(dense_ckpt) else 0
 t_phase = time.time()
 train(model, optimizer, batch_fn, cfg.dense_steps, peak_lr=cfg.lr, warmup_steps=int(cfg.warmup * cfg.dense_steps),
-      ckpt_path=os.path.join(dense_dir, "ckpt.pt"), extra_state=dict(state, phase="dense"), start_step=start,
+      ckpt_path=dense_ckpt, extra_state=dict(state, phase="dense"), start_step=start,
       eval_fn=lambda: evaluate(model), eval_every=cfg.eval_every, log_every=cfg.log_every,
       ckpt_every=cfg.ckpt_every, device=device, ddp_model=ddp_model, is_main=rank == 0,
       compile=cfg.compile, bf16=bf16)
@@ -182,10 +168,11 @@ print(f"\nphase 2: GMP to {cfg.final_sparsity:.0%} sparsity, cubic schedule over
       f"{cfg.prune_steps}, masks updated every {cfg.prune_every} steps, lr {cfg.prune_lr}"
       + (f", distillation weight {cfg.distill}" if teacher else ""))
 optimizer = make_optimizer(model, cfg.prune_lr, cfg.weight_decay)
-start = restore(os.path.join(sparse_dir, "ckpt.pt"), model, optimizer, pruner)
+sparse_ckpt = os.path.join(sparse_dir, "ckpt.pt")
+start = resume(sparse_ckpt, model, optimizer, pruner) if cfg.resume and os.path.exists(sparse_ckpt) else 0
 t_phase = time.time()
 train(model, optimizer, batch_fn, cfg.prune_steps, peak_lr=cfg.prune_lr,
-      warmup_steps=int(cfg.warmup * cfg.prune_steps), ckpt_path=os.path.join(sparse_dir, "ckpt.pt"),
+      warmup_steps=int(cfg.warmup * cfg.prune_steps), ckpt_path=sparse_ckpt,
       extra_state=dict(state, phase="sparse"), start_step=start, pruner=pruner, teacher=teacher,
       distill_alpha=cfg.distill, distill_temperature=cfg.distill_temperature,
       eval_fn=lambda: evaluate(model), eval_every=cfg.eval_every, log_every=cfg.log_every,

@@ -44,7 +44,7 @@ def main():
     args = parser.parse_args()
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; median of {args.rounds} rounds, "
           f"dense and sparse alternated; sequence length {args.seq_len}")
-    print(f"| size | sparsity | batch | dense ms | sparse ms | speedup | prunable MB dense -> compressed |")
+    print("| size | sparsity | batch | dense ms | sparse ms | speedup | prunable MB dense -> compressed |")
     print("|---|---|---|---|---|---|---|")
     for size in args.sizes.split(","):
         for sparsity in map(float, args.sparsities.split(",")):

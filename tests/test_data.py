@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from tiny_sparse_bert.data import (CLS_ID, MASK_ID, NUM_SPECIAL, PAD_ID, SEP_ID, Blocks, documents,
+from tiny_sparse_bert.data import (CLS_ID, MASK_ID, NUM_SPECIAL, PAD_ID, SEP_ID, Blocks,
                                    load_tokenizer, mask_tokens, read_gutenberg, read_id_text, read_wikipedia,
                                    tokenize_corpus, train_tokenizer, unigram_entropy)
 from tiny_sparse_bert.model import IGNORE_INDEX

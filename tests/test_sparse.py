@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from tiny_sparse_bert.model import BertConfig, BertForMaskedLM, BertForSequenceClassification
-from tiny_sparse_bert.pruning import MagnitudePruner, prunable_parameters
+from tiny_sparse_bert.pruning import MagnitudePruner
 from tiny_sparse_bert.sparse import SparseLinear, convert_to_sparse, load_sparse, main, prunable_bytes, save_sparse
 from tiny_sparse_bert.train import save_checkpoint
 

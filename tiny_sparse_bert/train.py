@@ -1,15 +1,15 @@
 """The plain training loop shared by the three scripts, with checkpoints, MLM evaluation and devices.
 
 One function, `train`, runs AdamW with linear warm-up and decay (BERT A.2), gradient clipping,
-bf16 autocast on CUDA, and the two pruning calls at visible places:
+bf16 autocast where it is fast (CUDA, AMX CPUs), and the two pruning calls at visible places:
 
     pruner.update(step)   before the forward pass (recomputes masks when the schedule says so)
     pruner.apply()        right after optimizer.step() (keeps pruned weights at exactly zero)
 
 Checkpoints are plain dicts written atomically (temporary file, then rename) and read with
 `weights_only=True`; they hold everything `resume` needs to continue bit-for-bit: model,
-optimizer, masks, step, RNG state, configs. Batches are a pure function of the step, so the
-data position is the step. Ctrl-C saves a checkpoint and exits; a non-finite loss stops the run
+optimizer, masks, step, RNG state, configs (`resume` loads them). Batches are a pure function of
+the step, so the data position is the step. Ctrl-C saves a checkpoint and exits; a non-finite loss stops the run
 and leaves the last good checkpoint in place.
 """
 import argparse
@@ -199,11 +199,25 @@ def load_checkpoint(path):
     return torch.load(path, map_location="cpu", weights_only=True)
 
 
-def check_same_config(ckpt, model_config, what):
-    """Refuse a checkpoint whose model config differs from the one asked for."""
-    if ckpt["model_config"] != model_config:
-        diff = {k: (ckpt["model_config"].get(k), v) for k, v in model_config.items() if ckpt["model_config"].get(k) != v}
-        raise SystemExit(f"error: {what} was written with another model config (checkpoint vs now: {diff})")
+def resume(path, model, optimizer, pruner=None):
+    """Load a checkpoint written by `train` into model, optimizer, pruner and the RNGs; return its step.
+
+    A checkpoint of another model config is refused with a one-line error.
+    """
+    ckpt = load_checkpoint(path)
+    ours = asdict(model.config)
+    if ckpt["model_config"] != ours:
+        diff = {k: (ckpt["model_config"].get(k), v) for k, v in ours.items() if ckpt["model_config"].get(k) != v}
+        raise SystemExit(f"error: {path} was written with another model config (checkpoint vs now: {diff})")
+    model.load_state_dict(ckpt["model"])
+    optimizer.load_state_dict(ckpt["optimizer"])
+    if pruner is not None:
+        pruner.load_state_dict(ckpt["pruner"])
+    torch.set_rng_state(ckpt["rng"])
+    if ckpt.get("cuda_rng") is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state(ckpt["cuda_rng"])
+    print(f"resuming {path} at step {ckpt['step']}")
+    return ckpt["step"]
 
 
 # ---------------------------------------------------------------------------------- the loop
