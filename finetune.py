@@ -92,7 +92,7 @@ for task in tasks:
 
 # %% 3) models: load a pretrained encoder (or a random one) under a task head
 def load_encoder(directory):
-    """(name, BertForMaskedLM, model config, is_sparse, tokenizer) of a checkpoint directory."""
+    """(name, BertForMaskedLM, is_sparse, tokenizer) of a checkpoint directory."""
     ckpt = load_checkpoint(os.path.join(directory, "ckpt.pt"))
     mlm = BertForMaskedLM(BertConfig(**ckpt["model_config"]))
     mlm.load_state_dict(ckpt["model"])
@@ -133,11 +133,10 @@ def evaluate(model, task, items, n_labels):
                         (logits[row] > 0).int() if task.kind == "multi" else logits[row].argmax())
     model.train()
     names = labels[task.name]
-    if task.kind == "ner":  # one prediction per word, read at its first piece; truncated words count as O
-        gold, pred = [], []
-        for it, p in zip(items, preds):
-            gold.append([names[it["y"][pos]] for pos in it["first"]] + ["O"] * (it["n_words"] - len(it["first"])))
-            pred.append([names[int(p[pos])] for pos in it["first"]] + ["O"] * (it["n_words"] - len(it["first"])))
+    if task.kind == "ner":  # one prediction per word, read at its first piece; words cut off by max_len get O
+        gold = [[names[l] for l in it["word_labels"]] for it in items]
+        pred = [[names[int(p[pos])] for pos in it["first"]] + ["O"] * (len(it["word_labels"]) - len(it["first"]))
+                for it, p in zip(items, preds)]
         return entity_f1(gold, pred)
     if task.kind == "multi":
         return multilabel_f1([it["y"] for it in items], [p.tolist() for p in preds])

@@ -203,7 +203,7 @@ def encode(task, examples, tokenizer, labels, max_len):
 
     NER: words are split into word pieces; the word's label goes on its first piece and the other
     pieces get IGNORE_INDEX (BERT 5.3). `first` holds the first-piece positions, to read one
-    prediction per word back.
+    prediction per word back; words cut off by max_len keep their gold label in `word_labels`.
     """
     index = {l: i for i, l in enumerate(labels)}
     tokenizer.enable_truncation(max_len)
@@ -220,7 +220,8 @@ def encode(task, examples, tokenizer, labels, max_len):
                 else:
                     y.append(IGNORE_INDEX)
                 previous = w
-            out.append({"ids": enc.ids, "types": enc.type_ids, "y": y, "first": first, "n_words": len(words)})
+            out.append({"ids": enc.ids, "types": enc.type_ids, "y": y, "first": first,
+                        "word_labels": [index[t] for t in tags]})  # every word's gold label, also cut-off ones
         else:
             text_a, text_b, label = ex
             enc = tokenizer.encode(text_a, text_b) if text_b else tokenizer.encode(text_a)
