@@ -27,7 +27,7 @@ PRUNABLE_MODULES = ("query", "key", "value", "attn_out", "inter", "out")
 def prunable_parameters(model):
     """{name: weight} of the encoder Linear weights named in PRUNABLE_MODULES, in model order."""
     return {name: p for name, p in model.named_parameters()
-            if ".layers." in name and name.endswith(".weight") and name.split(".")[-2] in PRUNABLE_MODULES}
+            if "layers" in name.split(".") and name.endswith(".weight") and name.split(".")[-2] in PRUNABLE_MODULES}
 
 
 def cubic_sparsity(step, initial_sparsity, final_sparsity, begin_step, end_step):
