@@ -70,19 +70,23 @@ def read_hoc(path):
             for text, _, label in read_sentence_label(path)]
 
 
-def read_chemprot(path):
-    """ChemProt JSON lines {"text", "label"}; the << >> and [[ ]] entity markers stay in the text."""
+def read_json_lines(path, example, expected):
+    """One example per JSON line: `example(row)` builds it; a bad line names `expected`."""
     examples = []
     with open(path, encoding="utf-8") as f:
         for n, line in enumerate(f, 1):
             if not line.strip():
                 continue
             try:
-                row = json.loads(line)
-                examples.append((row["text"], None, row["label"]))
+                examples.append(example(json.loads(line)))
             except (json.JSONDecodeError, KeyError, TypeError):
-                raise ValueError(f"{path}:{n}: expected a JSON object with 'text' and 'label'") from None
+                raise ValueError(f"{path}:{n}: expected a JSON object with {expected}") from None
     return examples
+
+
+def read_chemprot(path):
+    """ChemProt JSON lines {"text", "label"}; the << >> and [[ ]] entity markers stay in the text."""
+    return read_json_lines(path, lambda row: (row["text"], None, row["label"]), "'text' and 'label'")
 
 
 def read_nicta(path):
@@ -102,17 +106,8 @@ def read_nicta(path):
 
 def read_pubmedqa(path):
     """PubMedQA JSON lines: (question, contexts joined) -> yes/no/maybe (reasoning-required setting)."""
-    examples = []
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-                examples.append((row["question"], " ".join(row["contexts"]), row["final_decision"]))
-            except (json.JSONDecodeError, KeyError, TypeError):
-                raise ValueError(f"{path}:{n}: expected a JSON object with question, contexts, final_decision") from None
-    return examples
+    return read_json_lines(path, lambda row: (row["question"], " ".join(row["contexts"]), row["final_decision"]),
+                           "question, contexts, final_decision")
 
 
 @dataclass
