@@ -8,8 +8,9 @@
 - `Blocks` and `mask_tokens`: fixed-length `[CLS] ... [SEP]` blocks and BERT's dynamic masking
   (BERT 3.1: 15% of tokens; 80% -> [MASK], 10% -> random token, 10% unchanged).
 
-    tok = train_tokenizer(general_documents("data"), vocab_size=8192, path="out/tokenizer.json")
-    train, val = tokenize_corpus("general", general_documents("data"), tok, "data/cache")
+    files = corpus_files("data", "general")
+    tok = train_tokenizer(documents(files), vocab_size=8192, path="out/tokenizer.json")
+    train, val = tokenize_corpus("general", files, tok, "data/cache")
 """
 import glob
 import hashlib

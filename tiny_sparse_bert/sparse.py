@@ -14,6 +14,7 @@ A pruned weight in plain PyTorch is a dense tensor full of zeros: as large and a
 """
 import argparse
 import os
+import warnings
 from dataclasses import asdict
 
 import numpy as np
@@ -81,7 +82,9 @@ class SparseLinear(nn.Module):
     def __init__(self, linear):
         super().__init__()
         self.in_features, self.out_features = linear.in_features, linear.out_features
-        self.weight = linear.weight.detach().to_sparse_csr()  # (out, in), CSR
+        with warnings.catch_warnings():  # torch calls its CSR support "beta"; it is what we measure
+            warnings.simplefilter("ignore", UserWarning)
+            self.weight = linear.weight.detach().to_sparse_csr()  # (out, in), CSR
         self.bias = linear.bias.detach().clone() if linear.bias is not None else torch.zeros(self.out_features)
 
     def forward(self, x):

@@ -120,9 +120,9 @@ def linear_warmup_decay(step, peak_lr, warmup_steps, total_steps):
 
 
 def make_optimizer(model, lr, weight_decay, betas=(0.9, 0.98), eps=1e-6):
-    """AdamW; no weight decay on biases, LayerNorms and embeddings-free 1-D parameters (as BERT)."""
-    decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
-    no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
+    """AdamW; weight decay on matrices only, none on 1-D parameters (biases, LayerNorms), as BERT."""
+    decay = [p for p in model.parameters() if p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.dim() < 2]
     return torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay},
                               {"params": no_decay, "weight_decay": 0.0}], lr=lr, betas=betas, eps=eps)
 
