@@ -43,6 +43,7 @@ class Config:
     intermediate: int = 1024
     dropout: float = 0.0           # NOTE(deviation): BERT uses 0.1; none while pretraining (Cramming, Geiping & Goldstein 2022)
     pre_norm: bool = False
+    alibi: bool = True             # NOTE(deviation): attention distance bias (ALiBi, Press et al. 2022; MosaicBERT)
     # masked-language-model data
     seq_len: int = 128
     batch_size: int = 32
@@ -132,7 +133,7 @@ def batch_fn(step):
 # %% 3) model
 model_config = BertConfig(vocab_size=cfg.vocab_size, n_layer=cfg.n_layer, hidden=cfg.hidden, n_head=cfg.n_head,
                           intermediate=cfg.intermediate, max_position=max(512, cfg.seq_len),
-                          dropout=cfg.dropout, pre_norm=cfg.pre_norm)
+                          dropout=cfg.dropout, pre_norm=cfg.pre_norm, alibi=cfg.alibi)
 model = BertForMaskedLM(model_config).to(device)
 ddp_model = wrap_ddp(model, device, world)  # None for a single process
 print(f"model: {count_parameters(model):,} parameters; {model_config}")

@@ -10,6 +10,7 @@ The README's time-to-quality table was made with it.
 import argparse
 import time
 
+import numpy as np
 import torch
 
 from conftest import ROOT  # noqa: F401  (puts the repository on sys.path)
@@ -29,6 +30,7 @@ def main():
     p.add_argument("--intermediate", type=int, default=1024)
     p.add_argument("--dropout", type=float, default=0.1)
     p.add_argument("--pre-norm", action="store_true")
+    p.add_argument("--alibi", action="store_true", help="ALiBi distance bias on attention")
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--warmup", type=float, default=0.06, help="fraction of the steps")
     p.add_argument("--batch-size", type=int, default=32)
@@ -37,6 +39,7 @@ def main():
     p.add_argument("--steps", type=int, default=1000)
     p.add_argument("--eval-every", type=int, default=100)
     p.add_argument("--bf16", action="store_true", help="bf16 autocast on the CPU")
+    p.add_argument("--bigram", action="store_true", help="only print what the previous token alone is worth")
     args = p.parse_args()
 
     torch.manual_seed(0)
@@ -44,8 +47,11 @@ def main():
     V = tokenizer.get_vocab_size()
     train_tokens, val_tokens = tokenize_corpus("general", corpus_files(args.data, "general"), tokenizer,
                                                f"{args.data}/cache")
+    if args.bigram:
+        return print_bigram_loss(train_tokens, val_tokens, V)
     config = BertConfig(vocab_size=V, n_layer=args.layers, hidden=args.hidden, n_head=args.heads,
-                        intermediate=args.intermediate, dropout=args.dropout, pre_norm=args.pre_norm)
+                        intermediate=args.intermediate, dropout=args.dropout, pre_norm=args.pre_norm,
+                        alibi=args.alibi)
     model = BertForMaskedLM(config)
     optimizer = make_optimizer(model, args.lr, 0.01)
     blocks, val = Blocks(train_tokens, args.seq_len, args.batch_size), Blocks(val_tokens, 128, 32)
@@ -64,6 +70,20 @@ def main():
             r = evaluate_mlm(model, val, unigram, n_batches=10)
             print(f"step {step + 1} | {(time.time() - t0) / 60:.1f} min | held-out loss {r['loss']:.3f} "
                   f"(unigram {r['unigram']:.3f}) acc {r['acc']:.1%}", flush=True)
+
+
+def print_bigram_loss(train_tokens, val_tokens, V, weight=0.9):
+    """Held-out cross-entropy of a count-based bigram model p(w | previous token), interpolated with
+    the unigram: what local context alone is worth, next to the unigram floor (no network involved)."""
+    train = np.asarray(train_tokens, dtype=np.int64)
+    val = np.asarray(val_tokens, dtype=np.int64)
+    unigram = (np.bincount(train, minlength=V) + 1.0) / (len(train) + V)
+    pairs = np.bincount(train[:-1] * V + train[1:], minlength=V * V).reshape(V, V)  # (previous, next)
+    prev, nxt = val[:-1], val[1:]
+    seen = pairs.sum(1)  # how often each token is someone's previous token
+    p = weight * pairs[prev, nxt] / np.maximum(seen[prev], 1) + (1 - weight) * unigram[nxt]
+    print(f"held-out tokens {len(nxt):,}: unigram {-np.log(unigram[nxt]).mean():.3f} nats, "
+          f"bigram (previous token, weight {weight}) {-np.log(p).mean():.3f} nats")
 
 
 if __name__ == "__main__":

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from tiny_sparse_bert.model import (IGNORE_INDEX, BertConfig, BertForMaskedLM, BertForSequenceClassification,
-                                    BertForTokenClassification, load_hf, save_hf)
+                                    BertForTokenClassification, alibi_bias, alibi_slopes, load_hf, save_hf)
 
 CFG = BertConfig(vocab_size=120, n_layer=2, hidden=32, n_head=4, intermediate=64, max_position=64)
 
@@ -33,9 +33,14 @@ def test_output_shapes():
     assert logits.shape == (3, 4) and torch.isfinite(loss)
 
 
-def test_sparse_prediction_equals_full_logits():
+VARIANTS = [{}, {"pre_norm": True}, {"alibi": True}]  # BERT, and each named deviation
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_sparse_prediction_equals_full_logits(variant):
+    """With labels, the last layer and the head run at the labelled positions only: same logits there."""
     torch.manual_seed(0)
-    model = BertForMaskedLM(CFG).eval()
+    model = BertForMaskedLM(BertConfig(**{**CFG.__dict__, **variant})).eval()
     ids, mask = batch()
     labels = torch.full_like(ids, IGNORE_INDEX)
     labels[0, 1], labels[2, 7] = 9, 11
@@ -44,11 +49,11 @@ def test_sparse_prediction_equals_full_logits():
     torch.testing.assert_close(selected, full[labels != IGNORE_INDEX])
 
 
-@pytest.mark.parametrize("pre_norm", [False, True])
-def test_padding_invariance(pre_norm):
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_padding_invariance(variant):
     """Changing padded tokens (ids and token types) changes nothing at the real positions."""
     torch.manual_seed(0)
-    model = BertForMaskedLM(BertConfig(**{**CFG.__dict__, "pre_norm": pre_norm})).eval()
+    model = BertForMaskedLM(BertConfig(**{**CFG.__dict__, **variant})).eval()
     ids, mask = batch()
     other = ids.clone()
     other[1, 10:] = torch.randint(5, CFG.vocab_size, (6,))
@@ -87,6 +92,24 @@ def test_hf_round_trip(tmp_path):
         assert k == k2 and torch.equal(v, v2), k
     with pytest.raises(ValueError, match="pre-LayerNorm"):
         save_hf(BertForMaskedLM(BertConfig(**{**CFG.__dict__, "pre_norm": True})), tmp_path / "pre")
+    with pytest.raises(ValueError, match="ALiBi"):
+        save_hf(BertForMaskedLM(BertConfig(**{**CFG.__dict__, "alibi": True})), tmp_path / "alibi")
+
+
+def test_alibi_bias():
+    """Press et al. 2022: head h adds -m_h * |i - j|, slopes 2^(-8h/nh); zero on the diagonal, symmetric."""
+    bias = alibi_bias(4, 5)
+    assert bias.shape == (4, 5, 5)
+    torch.testing.assert_close(alibi_slopes(4), torch.tensor([2**-2, 2**-4, 2**-6, 2**-8]))
+    assert torch.equal(bias, bias.transpose(1, 2)) and bias.diagonal(dim1=1, dim2=2).eq(0).all()
+    assert bias[0, 0, 3] == -0.75 and bias[3, 4, 2] == -2 * 2**-8
+    # it changes the model: same weights, different outputs with and without the bias
+    torch.manual_seed(0)
+    model = BertForMaskedLM(BertConfig(**{**CFG.__dict__, "alibi": True})).eval()
+    plain = BertForMaskedLM(CFG).eval()
+    plain.load_state_dict(model.state_dict())
+    ids, mask = batch()
+    assert not torch.allclose(model(ids, mask)[0], plain(ids, mask)[0])
 
 
 def test_same_logits_as_transformers(tmp_path):

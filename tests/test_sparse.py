@@ -44,6 +44,11 @@ def test_errors(tmp_path):
                     model_config=CFG.__dict__, pruner=None)
     with pytest.raises(SystemExit, match="has no pruning masks"):
         main([str(dense_dir), "--to", str(tmp_path / "d.sparse.pt")])
+    alibi = BertConfig(**{**CFG.__dict__, "alibi": True})  # HF's BERT has no ALiBi: a one-line error
+    save_checkpoint(str(tmp_path / "alibi" / "ckpt.pt"), model=BertForMaskedLM(alibi).state_dict(),
+                    model_config=alibi.__dict__, pruner=None)
+    with pytest.raises(SystemExit, match="ALiBi"):
+        main([str(tmp_path / "alibi"), "--hf", str(tmp_path / "hf")])
 
 
 def test_sparse_path_gives_the_same_outputs():
@@ -60,6 +65,11 @@ def test_sparse_path_gives_the_same_outputs():
             assert isinstance(model.bert.layers[1].inter, SparseLinear)
             got, _ = model(ids, mask)
         assert (got - expected).abs().max() <= 1e-4
+    labels = torch.full_like(ids, -100)
+    labels[0, 3], labels[2, 9] = 7, 8
+    with torch.no_grad():  # the MLM path that runs its last layer at the labelled positions only
+        selected, _ = mlm(ids, mask, labels=labels)
+    assert (selected - mlm(ids, mask)[0][labels != -100]).abs().max() <= 1e-5
 
 
 def test_dense_layers_stay_dense():

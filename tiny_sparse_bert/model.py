@@ -4,6 +4,9 @@ Implements BERT as in Devlin et al. 2019 ("BERT: Pre-training of Deep Bidirectio
 Transformers", section 3 and appendix A) and as released in google-research/bert:
 learned position embeddings, token-type embeddings, post-LayerNorm residual blocks,
 exact GELU, LayerNorm eps 1e-12, and an MLM decoder tied to the word embeddings.
+Two named deviations are off in `BertConfig` (train_general.py turns on `alibi`; README,
+"Differences"): `pre_norm` (LayerNorm before each block) and `alibi` (a distance bias on the
+attention scores, Press et al. 2022).
 
     from tiny_sparse_bert.model import BertConfig, BertForMaskedLM
     model = BertForMaskedLM(BertConfig(vocab_size=8192))
@@ -40,6 +43,7 @@ class BertConfig:
     layer_norm_eps: float = 1e-12   # as in google-research/bert
     initializer_range: float = 0.02 # std of the truncated-normal init in BERT
     pre_norm: bool = False          # NOTE(deviation, off by default): LayerNorm before each block
+    alibi: bool = False             # NOTE(deviation, off by default): distance bias on attention, see alibi_bias
 
     @classmethod
     def from_dict(cls, d):
@@ -105,12 +109,42 @@ class Layer(nn.Module):
     def feed_forward(self, x):
         return self.out(F.gelu(self.inter(x)))  # exact (erf) GELU, as in BERT
 
-    def forward(self, x, attn_mask):
+    def forward(self, x, attn_mask, select=None):
+        """(B, T, C) -> (B, T, C); with `select` (B, T) bool, only those positions come out: (N, C).
+
+        Every position still serves as a key and value, but everything after attention (output
+        projection, residuals, LayerNorms, feed-forward) works per position, so it can skip the
+        positions nobody reads: in the last layer under MLM, the ~85% that are not masked.
+        """
         if self.pre_norm:  # x + f(LN(x)) (Xiong et al. 2020)
-            x = x + self.drop(self.attention(self.attn_norm(x), attn_mask))
+            a = self.attention(self.attn_norm(x), attn_mask)
+            if select is not None:
+                x, a = x[select], a[select]
+            x = x + self.drop(a)
             return x + self.drop(self.feed_forward(self.out_norm(x)))
-        x = self.attn_norm(x + self.drop(self.attention(x, attn_mask)))  # LN(x + f(x)), BERT
+        a = self.attention(x, attn_mask)
+        if select is not None:
+            x, a = x[select], a[select]
+        x = self.attn_norm(x + self.drop(a))  # LN(x + f(x)), BERT
         return self.out_norm(x + self.drop(self.feed_forward(x)))
+
+
+def alibi_slopes(n_head):
+    """ALiBi's per-head slopes (Press et al. 2022, section 3): the geometric sequence 2^(-8h/nh), h = 1..nh."""
+    return torch.tensor([2.0 ** (-8 * h / n_head) for h in range(1, n_head + 1)])
+
+
+def alibi_bias(n_head, T, device=None):
+    """Attention bias (nh, T, T): head h adds -m_h * |i - j| to the score of query i on key j.
+
+    ALiBi (Press et al. 2022), symmetric for a bidirectional encoder as in MosaicBERT (Portes et
+    al. 2023). A steep head attends to its neighbours from the first step; with learned absolute
+    positions alone, a small BERT needs thousands of steps to discover that locality (README, time
+    to quality). The learned position embeddings stay: the bias is added, nothing is removed.
+    """
+    pos = torch.arange(T, device=device)
+    distance = (pos[None, :] - pos[:, None]).abs()  # (T, T)
+    return -alibi_slopes(n_head).to(device)[:, None, None] * distance  # (nh, T, T)
 
 
 class BertModel(nn.Module):
@@ -124,16 +158,21 @@ class BertModel(nn.Module):
         # pre-LN needs a final LayerNorm, post-LN ends in one already
         self.final_norm = nn.LayerNorm(config.hidden, eps=config.layer_norm_eps) if config.pre_norm else None
 
-    def forward(self, input_ids, attention_mask=None, token_type_ids=None):
+    def forward(self, input_ids, attention_mask=None, token_type_ids=None, select=None):
+        """Hidden states (B, T, C); with `select` (B, T) bool, the last layer's at those positions only (N, C)."""
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         if token_type_ids is None:
             token_type_ids = torch.zeros_like(input_ids)
         # padding comes from the attention mask, never from the token ids
         attn_mask = attention_mask.bool()[:, None, None, :]  # (B, 1, 1, T): True = may attend
+        if self.config.alibi:  # one float mask: the distance bias, and -inf on padded keys
+            T = input_ids.size(1)
+            padding = torch.zeros(attn_mask.shape, device=input_ids.device).masked_fill(~attn_mask, float("-inf"))
+            attn_mask = alibi_bias(self.config.n_head, T, input_ids.device) + padding  # (B, nh, T, T)
         x = self.emb(input_ids, token_type_ids)
-        for layer in self.layers:
-            x = layer(x, attn_mask)
+        for i, layer in enumerate(self.layers):
+            x = layer(x, attn_mask, select if i == len(self.layers) - 1 else None)
         return self.final_norm(x) if self.final_norm is not None else x
 
 
@@ -162,12 +201,14 @@ class BertForMaskedLM(nn.Module):
         init_weights(self, config.initializer_range)
 
     def forward(self, input_ids, attention_mask=None, token_type_ids=None, labels=None):
-        x = self.bert(input_ids, attention_mask, token_type_ids)  # (B, T, C)
-        if labels is not None:
-            # only ~15% of positions carry a label: project just those onto the vocabulary,
-            # the projection being most of a small model's cost
+        if labels is None:
+            x = self.bert(input_ids, attention_mask, token_type_ids)  # (B, T, C)
+        else:
+            # only ~15% of positions carry a label: the last layer and the head, the vocabulary
+            # projection above all (most of a small model's cost), run at just those positions
             selected = labels != IGNORE_INDEX
-            x, labels = x[selected], labels[selected]  # (N, C), (N,)
+            x = self.bert(input_ids, attention_mask, token_type_ids, select=selected)  # (N, C)
+            labels = labels[selected]  # (N,)
         x = self.transform_norm(F.gelu(self.transform(x)))
         logits = F.linear(x, self.bert.emb.word.weight, self.decoder_bias)  # (N, V) or (B, T, V)
         loss = F.cross_entropy(logits, labels) if labels is not None else None
@@ -263,6 +304,9 @@ def save_hf(model, directory):
     config = model.config
     if config.pre_norm:
         raise ValueError("a pre-LayerNorm model has no Hugging Face BERT equivalent; train with pre_norm=False")
+    if config.alibi:
+        raise ValueError("an ALiBi model has no Hugging Face BERT equivalent (transformers' BERT has no distance "
+                         "bias); train with alibi=False")
     os.makedirs(directory, exist_ok=True)
     hf_config = {theirs: getattr(config, ours) for ours, theirs in HF_CONFIG_NAMES.items()}
     hf_config.update(architectures=["BertForMaskedLM"], model_type="bert", hidden_act="gelu",

@@ -10,7 +10,8 @@ A pruned weight in plain PyTorch is a dense tensor full of zeros: as large and a
 - `convert_to_sparse`: swaps every pruned Linear for `SparseLinear`, which multiplies with a
   `torch.sparse_csr` weight (compressed sparse rows; MKL's sparse kernels on CPU).
 
-    python -m tiny_sparse_bert.sparse out/bio-sparse90 --to out/bio-sparse90.sparse.pt --hf out/bio-sparse90-hf
+    python -m tiny_sparse_bert.sparse out/bio-sparse90 --to out/bio-sparse90.sparse.pt
+    python -m tiny_sparse_bert.sparse DIR --hf DIR-hf   # a transformers BERT (models without ALiBi)
 """
 import argparse
 import os
@@ -137,7 +138,10 @@ def main(argv=None):
               f"prunable weights {prunable_compressed / 1e6:.2f} MB vs {prunable_dense / 1e6:.2f} MB "
               f"({prunable_dense / prunable_compressed:.1f}x)")
     if args.hf:
-        save_hf(model, args.hf)
+        try:
+            save_hf(model, args.hf)
+        except ValueError as e:  # a deviation HF's BERT cannot express (ALiBi, pre-LN)
+            raise SystemExit(f"error: {args.checkpoint}: {e}")
         print(f"{args.hf}: Hugging Face BERT (transformers.BertForMaskedLM.from_pretrained loads it)")
     if not (args.to or args.hf):
         parser.error("nothing to do: give --to and/or --hf")
