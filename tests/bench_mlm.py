@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from conftest import ROOT  # noqa: F401  (puts the repository on sys.path)
-from tiny_sparse_bert.data import Blocks, corpus_files, load_tokenizer, tokenize_corpus
+from tiny_sparse_bert.data import NUM_SPECIAL, Blocks, corpus_files, load_tokenizer, tokenize_corpus
 from tiny_sparse_bert.model import BertConfig, BertForMaskedLM
 from tiny_sparse_bert.train import (autocast, evaluate_mlm, linear_warmup_decay, make_optimizer, mlm_batch,
                                     unigram_log_probs)
@@ -77,9 +77,10 @@ def print_bigram_loss(train_tokens, val_tokens, V, weight=0.9):
     the unigram: what local context alone is worth, next to the unigram floor (no network involved)."""
     train = np.asarray(train_tokens, dtype=np.int64)
     val = np.asarray(val_tokens, dtype=np.int64)
-    unigram = (np.bincount(train, minlength=V) + 1.0) / (len(train) + V)
+    unigram = unigram_log_probs(train, V).exp().numpy()  # the floor evaluate_mlm reports
     pairs = np.bincount(train[:-1] * V + train[1:], minlength=V * V).reshape(V, V)  # (previous, next)
     prev, nxt = val[:-1], val[1:]
+    prev, nxt = prev[nxt >= NUM_SPECIAL], nxt[nxt >= NUM_SPECIAL]  # special tokens are never MLM targets
     seen = pairs.sum(1)  # how often each token is someone's previous token
     p = weight * pairs[prev, nxt] / np.maximum(seen[prev], 1) + (1 - weight) * unigram[nxt]
     print(f"held-out tokens {len(nxt):,}: unigram {-np.log(unigram[nxt]).mean():.3f} nats, "
