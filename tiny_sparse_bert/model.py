@@ -114,7 +114,7 @@ class Layer(nn.Module):
 
         Every position still serves as a key and value, but everything after attention (output
         projection, residuals, LayerNorms, feed-forward) works per position, so it can skip the
-        positions nobody reads: in the last layer under MLM, the ~85% that are not masked.
+        positions nobody reads: in the last layer under MLM, all that are not masked (60-85%).
         """
         if self.pre_norm:  # x + f(LN(x)) (Xiong et al. 2020)
             a = self.attention(self.attn_norm(x), attn_mask)
@@ -204,7 +204,7 @@ class BertForMaskedLM(nn.Module):
         if labels is None:
             x = self.bert(input_ids, attention_mask, token_type_ids)  # (B, T, C)
         else:
-            # only ~15% of positions carry a label: the last layer and the head, the vocabulary
+            # only 15-40% of positions carry a label: the last layer and the head, the vocabulary
             # projection above all (most of a small model's cost), run at just those positions
             selected = labels != IGNORE_INDEX
             x = self.bert(input_ids, attention_mask, token_type_ids, select=selected)  # (N, C)
