@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from tiny_sparse_bert.model import (IGNORE_INDEX, BertConfig, BertForMaskedLM, BertForSequenceClassification,
-                                    BertForTokenClassification, alibi_bias, alibi_slopes, load_hf, save_hf)
+                                    BertForTokenClassification, alibi_bias, alibi_slopes, attend_with_dropout,
+                                    dropout, load_hf, save_hf)
 
 CFG = BertConfig(vocab_size=120, n_layer=2, hidden=32, n_head=4, intermediate=64, max_position=64)
 
@@ -110,6 +111,55 @@ def test_alibi_bias():
     plain.load_state_dict(model.state_dict())
     ids, mask = batch()
     assert not torch.allclose(model(ids, mask)[0], plain(ids, mask)[0])
+
+
+def test_dropout():
+    """Drops a fraction p in each of the four 16-bit slots of a 64-bit draw, scales the rest by 1/(1-p)."""
+    torch.manual_seed(0)
+    x = torch.ones(250_000, 4, requires_grad=True)  # column j = slot j of every draw
+    y = dropout(x, 0.25)
+    dropped = (y == 0).float().mean(0)
+    assert torch.allclose(dropped, torch.full((4,), 0.25), atol=0.005), dropped
+    assert torch.equal(y.unique(), torch.tensor([0.0, 1 / 0.75]))
+    y.sum().backward()
+    assert torch.equal(x.grad, y.detach())  # the gradient goes through the kept elements, scaled
+    assert dropout(x, 0.25, training=False) is x and dropout(x, 0.0) is x
+    assert dropout(x.bfloat16(), 0.1).dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("alibi", [False, True])
+def test_attention_with_dropout_is_sdpa(alibi):
+    """Written-out attention (used for dropout on a CPU) equals F.scaled_dot_product_attention at p=0."""
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(2, 4, 16, 8) for _ in range(3))
+    mask = torch.ones(2, 1, 1, 16, dtype=torch.bool)
+    mask[1, ..., 10:] = False
+    if alibi:
+        mask = alibi_bias(4, 16) + torch.zeros(mask.shape).masked_fill(~mask, float("-inf"))
+    expected = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    torch.testing.assert_close(attend_with_dropout(q, k, v, mask, 0.0), expected)
+    # with dropout, padded keys still get no weight: changing their values changes nothing
+    v2 = v.clone()
+    v2[1, :, 10:] = 100.0
+    torch.manual_seed(1)
+    out = attend_with_dropout(q, k, v, mask, 0.5)
+    torch.manual_seed(1)
+    torch.testing.assert_close(attend_with_dropout(q, k, v2, mask, 0.5), out)
+
+
+@pytest.mark.parametrize("variant", [{}, {"alibi": True}])
+def test_padding_invariance_in_training(variant):
+    """With dropout on (training mode, same seed), padded tokens still change nothing at real positions."""
+    model = BertForMaskedLM(BertConfig(**{**CFG.__dict__, **variant, "dropout": 0.1})).train()
+    ids, mask = batch()
+    other = ids.clone()
+    other[1, 10:] = 7
+    torch.manual_seed(3)
+    a = model(ids, mask)[0]
+    torch.manual_seed(3)
+    b = model(other, mask)[0]
+    torch.testing.assert_close(a[1, :10], b[1, :10])
+    assert not torch.allclose(model(ids, mask)[0], a)  # and dropout is really on
 
 
 def test_same_logits_as_transformers(tmp_path):

@@ -20,6 +20,7 @@ Shape legend used in comments throughout the package:
     V vocabulary size, N number of selected (masked) positions.
 """
 import json
+import math
 import os
 from dataclasses import dataclass, fields
 
@@ -28,6 +29,41 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 IGNORE_INDEX = -100  # label of positions that carry no loss (PyTorch's cross_entropy default)
+
+
+def dropout(x, p, training=True):
+    """Inverted dropout, as F.dropout, with a quarter of its random-number work on a CPU.
+
+    On a CPU, drawing the random numbers is the expensive part of dropout: F.dropout draws one
+    32-bit number per element, on one thread, and takes longer than the matmuls around it
+    (tests/bench_model.py). Here each 64-bit draw is cut into four 16-bit numbers r, uniform over
+    [-2^15, 2^15); an element is dropped when r < p * 2^16 - 2^15, so with probability p rounded
+    to 1/65536. (In bf16 the kept elements' scale 1/(1-p) is rounded to bf16 too: 0.2% at p=0.1.)
+    A GPU draws random numbers in parallel, so there F.dropout is used as is.
+    """
+    if not training or p == 0.0:
+        return x
+    if x.device.type != "cpu":
+        return F.dropout(x, p)
+    n = x.numel()
+    words = torch.randint(-2**63, 2**63 - 1, ((n + 3) // 4,))  # int64, uniform over (nearly) all values
+    r = words.view(torch.int16)[:n].view(x.shape)
+    keep = r >= round(p * 65536) - 32768
+    return x * (keep * (1.0 / (1.0 - p))).to(x.dtype)  # one multiply forward, one backward
+
+
+class Dropout(nn.Module):
+    """nn.Dropout with the cheaper random numbers of `dropout`."""
+
+    def __init__(self, p):
+        super().__init__()
+        self.p = p
+
+    def forward(self, x):
+        return dropout(x, self.p, self.training)
+
+    def extra_repr(self):
+        return f"p={self.p}"
 
 
 @dataclass
@@ -62,7 +98,7 @@ class Embeddings(nn.Module):
         self.position = nn.Embedding(config.max_position, config.hidden)
         self.token_type = nn.Embedding(config.type_vocab_size, config.hidden)
         self.norm = nn.LayerNorm(config.hidden, eps=config.layer_norm_eps)
-        self.drop = nn.Dropout(config.dropout)
+        self.drop = Dropout(config.dropout)
         self.pre_norm = config.pre_norm
 
     def forward(self, input_ids, token_type_ids):
@@ -72,6 +108,20 @@ class Embeddings(nn.Module):
         x = self.word(input_ids) + self.position(positions) + self.token_type(token_type_ids)  # (B, T, C)
         # with pre-LN every block normalises its own input, so the sum goes in as is
         return self.drop(x if self.pre_norm else self.norm(x))
+
+
+def attend_with_dropout(q, k, v, attn_mask, p):
+    """dropout(softmax(q k^T / sqrt(hs) + mask)) v, written out.
+
+    This is what F.scaled_dot_product_attention computes on a CPU when dropout_p > 0 (its fused
+    kernel has no dropout), except that the dropout mask comes from the cheaper `dropout`.
+    """
+    scores = (q / math.sqrt(q.size(-1))) @ k.transpose(-2, -1)  # (B, nh, T, T)
+    if attn_mask.dtype == torch.bool:
+        scores = scores.masked_fill(~attn_mask, float("-inf"))
+    else:
+        scores = scores + attn_mask
+    return dropout(scores.softmax(-1), p) @ v  # (B, nh, T, hs)
 
 
 class Layer(nn.Module):
@@ -93,7 +143,7 @@ class Layer(nn.Module):
         self.inter = nn.Linear(C, config.intermediate)
         self.out = nn.Linear(config.intermediate, C)
         self.out_norm = nn.LayerNorm(C, eps=config.layer_norm_eps)
-        self.drop = nn.Dropout(config.dropout)
+        self.drop = Dropout(config.dropout)
         self.attn_dropout = config.dropout
         self.pre_norm = config.pre_norm
 
@@ -103,7 +153,10 @@ class Layer(nn.Module):
         q, k, v = (lin(x).view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
                    for lin in (self.query, self.key, self.value))
         p = self.attn_dropout if self.training else 0.0
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=p)  # (B, nh, T, hs)
+        if p > 0 and x.device.type == "cpu":
+            y = attend_with_dropout(q, k, v, attn_mask, p)
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=p)  # (B, nh, T, hs)
         return self.attn_out(y.transpose(1, 2).reshape(B, T, C))
 
     def feed_forward(self, x):
@@ -222,7 +275,7 @@ class BertForTokenClassification(nn.Module):
         super().__init__()
         self.config, self.num_labels = config, num_labels
         self.bert = BertModel(config)
-        self.drop = nn.Dropout(config.dropout)
+        self.drop = Dropout(config.dropout)
         self.classifier = nn.Linear(config.hidden, num_labels)
         init_weights(self, config.initializer_range)
 
@@ -245,7 +298,7 @@ class BertForSequenceClassification(nn.Module):
         self.config, self.num_labels, self.multi_label = config, num_labels, multi_label
         self.bert = BertModel(config)
         self.pooler = nn.Linear(config.hidden, config.hidden)
-        self.drop = nn.Dropout(config.dropout)
+        self.drop = Dropout(config.dropout)
         self.classifier = nn.Linear(config.hidden, num_labels)
         init_weights(self, config.initializer_range)
 
