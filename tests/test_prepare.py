@@ -1,10 +1,12 @@
 """data/prepare.py against a throw-away HTTP server on 127.0.0.1, and with --mirror."""
 import hashlib
+import io
 import http.server
 import json
 import os
 import subprocess
 import sys
+import tarfile
 import threading
 from functools import partial
 
@@ -90,3 +92,84 @@ def test_list_and_real_registry():
     with open(os.path.join(ROOT, "data", "registry.json")) as f:
         registry = json.load(f)
     assert sum(len(ds["files"]) for ds in registry.values()) == 112  # every file of SOURCES.md
+
+
+def registry_entry(file, repo, commit, path, text, derived=False):
+    data = text.encode()
+    return {"file": file, "repo": repo, "path": path, "commit": commit, "bytes": len(data),
+            "sha256": hashlib.sha256(data).hexdigest(), **({"derived": True} if derived else {})}
+
+
+def test_derived_rebuilt_from_origins(tmp_path):
+    """A derived data set is rebuilt from its origins (a repository archive, JSON files) and compared
+    with the reference build; the test sets it is filtered against are prepared first."""
+    leak = "the patients who received the study drug showed markedly fewer seizures than those given placebo"
+    www = tmp_path / "www"
+    tests = {  # the test splits the overlap filter reads, one data set each
+        "ner_ncbi_disease/test.tsv": "Seizures\tB\nstopped\tO\n", "ner_bc5cdr_chem/test.tsv": "Aspirin\tB\n",
+        "re_chemprot/test.jsonl": json.dumps({"text": f"<< {leak} >>", "label": "false"}) + "\n",
+        "cls_hoc/test.tsv": "A sentence.\tempty\n", "cls_nicta_piboso/test.txt": "###1\nother\tA sentence.\n",
+        "qa_pubmedqa/test.jsonl": json.dumps({"contexts": ["Ctx."], "long_answer": "Yes."}) + "\n"}
+    registry = {}
+    for path, text in tests.items():
+        name, file = path.split("/")
+        (www / "o" / name / "c0").mkdir(parents=True)
+        (www / "o" / name / "c0" / file).write_text(text)
+        registry[name] = {"licence": "CC0", "files": [registry_entry(file, f"o/{name}", "c0", file, text)]}
+    needs = list(registry)
+
+    kddti = {"1": {"title": "Kept.", "abstract": "A clean abstract."}, "2": {"title": "Leak.", "abstract": leak}}
+    (www / "o" / "bio" / "c1").mkdir(parents=True)
+    (www / "o" / "bio" / "c1" / "valid.json").write_text(json.dumps(kddti))
+    expected = "1\tKept. A clean abstract.\n"
+    registry["kddti"] = {"licence": "MIT", "files": [registry_entry("abstracts.txt", "o/bio", "c1", "valid.json", expected, True)],
+                         "derive": {"builder": "kddti", "sources": [{"repo": "o/bio", "commit": "c1", "path": "valid.json"}],
+                                    "entries": 2, "needs": needs, "docs": {"abstracts.txt": 1}}}
+
+    body = " ".join(["word"] * 200)
+    (www / "o" / "rct" / "archive").mkdir(parents=True)
+    with tarfile.open(www / "o" / "rct" / "archive" / "c2.tar.gz", "w:gz") as tar:
+        for pmcid, abstract in (("PMC7", "Plain abstract."), ("PMC3", f"Abstract with {leak}.")):
+            data = f"TITLE: \n{pmcid} title\n\nABSTRACT.BACKGROUND::\n{abstract}\n\nBODY.INTRODUCTION:\n{body}\n".encode()
+            info = tarfile.TarInfo(f"rct-c2/annotations/txt_files/{pmcid}.txt")
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    files = {"abstracts.txt": "PMC7\tPMC7 title Plain abstract.\n", "fulltext_00.txt": f"PMC7\t{body}\n"}
+    registry["rct"] = {"licence": "MIT", "files": [registry_entry(f, "o/rct", "c2", "txt_files", t, True)
+                                                   for f, t in files.items()],
+                       "derive": {"builder": "evidence_inference", "needs": needs,
+                                  "docs": {"abstracts.txt": 1, "fulltext_*.txt": 2},  # 2: the reference differs
+                                  "archive": {"repo": "o/rct", "commit": "c2", "count": 2,
+                                              "members": "annotations/txt_files/PMC*.txt"}}}
+    (tmp_path / "registry.json").write_text(json.dumps(registry))
+    handler = partial(http.server.SimpleHTTPRequestHandler, directory=str(www))
+    handler.log_message = lambda *a: None
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    origin = f"http://127.0.0.1:{httpd.server_address[1]}"
+    try:
+        r = prepare(tmp_path, "--origin", origin, "--archive-origin", origin, "kddti", "rct")
+        assert r.returncode == 0, r.stderr
+        assert "ner_ncbi_disease: 1 fetched" in r.stdout  # the test sets come first
+        assert "kddti: rebuilt abstracts.txt 1 docs; identical to the reference build" in r.stdout
+        assert (tmp_path / "data" / "kddti" / "abstracts.txt").read_text() == expected  # the leaking abstract is out
+        for f, t in files.items():
+            assert (tmp_path / "data" / "rct" / f).read_text() == t
+        # the reference build said 2 full texts, this one has 1: a warning with both counts
+        assert "warning: rct: rebuilt abstracts.txt 1 docs, fulltext_*.txt 1 docs (reference build: abstracts.txt 1, " \
+               "fulltext_*.txt 2); 0 of 2 files differ from it" in r.stdout
+        r = prepare(tmp_path, "--origin", origin, "--archive-origin", origin, "kddti")
+        assert r.returncode == 0 and "kddti: 0 fetched, 1 already complete" in r.stdout and "rebuilt" not in r.stdout
+    finally:
+        httpd.shutdown()
+
+
+def test_derived_without_builder(tmp_path):
+    """A derived data set nobody can rebuild: skipped in a run over everything, an error when asked for."""
+    entry = registry_entry("train.tsv", "o/ddi", "c3", "data/train/*.xml", "pairs\n", derived=True)
+    (tmp_path / "registry.json").write_text(json.dumps({"ddi": {"licence": "CC BY-NC", "files": [entry]}}))
+    r = prepare(tmp_path)
+    assert r.returncode == 0 and r.stdout.startswith("skipped: ddi is derived from o/ddi@c3")
+    r = prepare(tmp_path, "ddi")
+    assert r.returncode == 1 and r.stderr.strip() == ("error: ddi is derived from o/ddi@c3 (data/train/*.xml); "
+                                                      "rebuilding it is not implemented: use --mirror DIR")
