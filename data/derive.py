@@ -1,14 +1,16 @@
 """Rebuild the files that data/registry.json marks "derived" from their public origins.
 
 These files are not copies of one origin file but conversions of many (the RCT articles of
-evidence-inference, KD-DTI's JSON, PubMedQA's splits); ../shared/data/README.md (sections 2.3, 2.4,
-3 and 5) describes each conversion, and this module is that description as code. Every builder
-takes the origin's text and returns {file name: [lines]}; prepare.py downloads the origins, calls
-the builder, writes the files and compares them with the reference build (document counts, sha256).
+evidence-inference, KD-DTI's JSON, PubMedQA's splits, the DDI-2013 XML); ../shared/data/README.md
+(sections 2.3, 2.4, 3 and 5) describes each conversion, and this module is that description as
+code. The builders take the origin's text and return lines; prepare.py downloads the origins,
+calls the builder, writes the files and compares them with the reference build (document counts,
+sha256).
 
     evidence_inference(articles, overlap)      PMC articles -> abstracts.txt, fulltext_00.txt, ...
     kddti(json_texts, overlap)                 KD-DTI JSON -> abstracts.txt
     pubmedqa(ori, truth, train_tsv, dev_tsv)   PubMedQA -> train.jsonl, dev.jsonl, test.jsonl
+    ddi(xml_texts)                             DDI-2013 XML (one split) -> candidate pairs, sentences
 
 Pretraining text must not contain the downstream test sets, or fine-tuning scores measure memory:
 `TestOverlap` finds the documents that share word 8-grams with them (README section 5).
@@ -17,6 +19,7 @@ import json
 import os
 import re
 import sys
+import xml.etree.ElementTree as ET
 from collections import Counter
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository root
@@ -73,12 +76,7 @@ CHEMPROT_MARKERS = re.compile(r"<<|>>|\[\[|\]\]")
 
 
 def biomedical_test_sentences(data_dir):
-    """Every test sentence of the biomedical tasks (their files must be prepared under data_dir).
-
-    NOTE(limitation): the README's filter also used DDI's test sentences; re_ddi is itself derived
-    (from XML this module does not convert), so it is left out. Per README section 5, the documents
-    that filter removed matched ChemProt, BC5CDR and NER test sentences, which are all here.
-    """
+    """Every test sentence of the biomedical tasks (their files must be prepared under data_dir)."""
     for name in ("ncbi_disease", "bc5cdr_chem", "chemprot", "hoc", "nicta_piboso"):
         task = TASKS[name]
         for example in task.reader(os.path.join(data_dir, task.folder, task.splits[2])):
@@ -86,6 +84,9 @@ def biomedical_test_sentences(data_dir):
                 yield " ".join(example[0])  # the sentence rebuilt from its tokens
             else:
                 yield CHEMPROT_MARKERS.sub("", example[0])
+    with open(os.path.join(data_dir, "re_ddi", "test_sentences.tsv"), encoding="utf-8") as f:
+        for line in f.read().split("\n")[1:]:  # sentence_id, doc_id, text
+            yield line.split("\t")[-1]
     with open(os.path.join(data_dir, "qa_pubmedqa", "test.jsonl"), encoding="utf-8") as f:
         for line in f:
             row = json.loads(line)
@@ -214,3 +215,48 @@ def pubmedqa(ori_text, truth_text, train_tsv, dev_tsv):
                "meshes": e.get("MESHES")}
         out[f"{split}.jsonl"].append(json.dumps(row, ensure_ascii=False))
     return out
+
+
+# ------------------------------------------------------------------------- DDI-2013
+
+DDI_PAIR_HEADER = "pair_id\tlabel\te1_text\te1_type\te1_offset\te2_text\te2_type\te2_offset\tsentence_masked"
+DDI_SENTENCE_HEADER = "sentence_id\tdoc_id\ttext"
+
+
+def count_documents(lines):
+    """The documents (lines) of a built file, less its TSV header."""
+    return len(lines) - int(bool(lines) and lines[0] in (DDI_PAIR_HEADER, DDI_SENTENCE_HEADER))
+
+
+def first_span(char_offset):
+    """(start, end exclusive) of the first span of a DDI `charOffset` ("23-31", or "a-b;c-d"; ends inclusive)."""
+    start, end = char_offset.split(";")[0].split("-")
+    return int(start), int(end) + 1
+
+
+def ddi(xml_texts):
+    """`xml_texts`: the DDI-2013 documents of one split (one XML file each, in file-name order).
+
+    Returns (pairs, sentences), each a list of TSV lines with its header. Every candidate pair:
+    its label (`false`, or the interaction type), both entities (text, type, offset) and the
+    sentence with both mentions replaced by @DRUG$ (only the first span of a discontinuous one),
+    whitespace-normalised.
+    Every sentence, with tabs and line breaks turned into spaces and trailing spaces cut, so the
+    offsets still point into it.
+    """
+    pairs, sentences = [DDI_PAIR_HEADER], [DDI_SENTENCE_HEADER]
+    for text in xml_texts:
+        document = ET.fromstring(text)
+        for s in document.iter("sentence"):
+            sentence = re.sub(r"[\r\n\t]", " ", s.get("text")).rstrip(" ")
+            sentences.append(f"{s.get('id')}\t{document.get('id')}\t{sentence}")
+            entities = {e.get("id"): e for e in s.iter("entity")}
+            for pair in s.iter("pair"):
+                e1, e2 = entities[pair.get("e1")], entities[pair.get("e2")]
+                masked = sentence
+                for start, end in sorted([first_span(e1.get("charOffset")), first_span(e2.get("charOffset"))], reverse=True):
+                    masked = masked[:start] + "@DRUG$" + masked[end:]  # right to left: earlier offsets stay valid
+                label = pair.get("type") if pair.get("ddi") == "true" else "false"
+                entity_columns = [e.get(k) for e in (e1, e2) for k in ("text", "type", "charOffset")]
+                pairs.append("\t".join([pair.get("id"), label, *entity_columns, normalise(masked)]))
+    return pairs, sentences

@@ -1,4 +1,5 @@
 """data/prepare.py against a throw-away HTTP server on 127.0.0.1, and with --mirror."""
+import contextlib
 import hashlib
 import io
 import http.server
@@ -94,6 +95,30 @@ def test_list_and_real_registry():
     assert sum(len(ds["files"]) for ds in registry.values()) == 112  # every file of SOURCES.md
 
 
+@contextlib.contextmanager
+def serving(www):
+    """Serve the folder `www` over HTTP on 127.0.0.1; yields its URL."""
+    handler = partial(http.server.SimpleHTTPRequestHandler, directory=str(www))
+    handler.log_message = lambda *a: None
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{httpd.server_address[1]}"
+    finally:
+        httpd.shutdown()
+
+
+def make_archive(path, top, files):
+    """A .tar.gz of {path inside: text} below the folder `top`, as GitHub serves a repository."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tarfile.open(path, "w:gz") as tar:
+        for inside, text in files.items():
+            data = text.encode()
+            info = tarfile.TarInfo(f"{top}/{inside}")
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+
+
 def registry_entry(file, repo, commit, path, text, derived=False):
     data = text.encode()
     return {"file": file, "repo": repo, "path": path, "commit": commit, "bytes": len(data),
@@ -109,7 +134,8 @@ def test_derived_rebuilt_from_origins(tmp_path):
         "ner_ncbi_disease/test.tsv": "Seizures\tB\nstopped\tO\n", "ner_bc5cdr_chem/test.tsv": "Aspirin\tB\n",
         "re_chemprot/test.jsonl": json.dumps({"text": f"<< {leak} >>", "label": "false"}) + "\n",
         "cls_hoc/test.tsv": "A sentence.\tempty\n", "cls_nicta_piboso/test.txt": "###1\nother\tA sentence.\n",
-        "qa_pubmedqa/test.jsonl": json.dumps({"contexts": ["Ctx."], "long_answer": "Yes."}) + "\n"}
+        "qa_pubmedqa/test.jsonl": json.dumps({"contexts": ["Ctx."], "long_answer": "Yes."}) + "\n",
+        "re_ddi/test_sentences.tsv": "sentence_id\tdoc_id\ttext\nd.s0\td\tA sentence.\n"}
     registry = {}
     for path, text in tests.items():
         name, file = path.split("/")
@@ -122,32 +148,25 @@ def test_derived_rebuilt_from_origins(tmp_path):
     (www / "o" / "bio" / "c1").mkdir(parents=True)
     (www / "o" / "bio" / "c1" / "valid.json").write_text(json.dumps(kddti))
     expected = "1\tKept. A clean abstract.\n"
-    registry["kddti"] = {"licence": "MIT", "files": [registry_entry("abstracts.txt", "o/bio", "c1", "valid.json", expected, True)],
+    registry["kddti"] = {"licence": "MIT",
+                         "files": [registry_entry("abstracts.txt", "o/bio", "c1", "valid.json", expected, True)],
                          "derive": {"builder": "kddti", "sources": [{"repo": "o/bio", "commit": "c1", "path": "valid.json"}],
                                     "entries": 2, "needs": needs, "docs": {"abstracts.txt": 1}}}
 
     body = " ".join(["word"] * 200)
-    (www / "o" / "rct" / "archive").mkdir(parents=True)
-    with tarfile.open(www / "o" / "rct" / "archive" / "c2.tar.gz", "w:gz") as tar:
-        for pmcid, abstract in (("PMC7", "Plain abstract."), ("PMC3", f"Abstract with {leak}.")):
-            data = f"TITLE: \n{pmcid} title\n\nABSTRACT.BACKGROUND::\n{abstract}\n\nBODY.INTRODUCTION:\n{body}\n".encode()
-            info = tarfile.TarInfo(f"rct-c2/annotations/txt_files/{pmcid}.txt")
-            info.size = len(data)
-            tar.addfile(info, io.BytesIO(data))
+    make_archive(www / "o" / "rct" / "archive" / "c2.tar.gz", "rct-c2", {
+        f"annotations/txt_files/{pmcid}.txt": f"TITLE: \n{pmcid} title\n\nABSTRACT.BACKGROUND::\n{abstract}\n\n"
+                                              f"BODY.INTRODUCTION:\n{body}\n"
+        for pmcid, abstract in (("PMC7", "Plain abstract."), ("PMC3", f"Abstract with {leak}."))})
     files = {"abstracts.txt": "PMC7\tPMC7 title Plain abstract.\n", "fulltext_00.txt": f"PMC7\t{body}\n"}
     registry["rct"] = {"licence": "MIT", "files": [registry_entry(f, "o/rct", "c2", "txt_files", t, True)
                                                    for f, t in files.items()],
                        "derive": {"builder": "evidence_inference", "needs": needs,
                                   "docs": {"abstracts.txt": 1, "fulltext_*.txt": 2},  # 2: the reference differs
                                   "archive": {"repo": "o/rct", "commit": "c2", "count": 2,
-                                              "members": "annotations/txt_files/PMC*.txt"}}}
+                                              "members": ["annotations/txt_files/PMC*.txt"]}}}
     (tmp_path / "registry.json").write_text(json.dumps(registry))
-    handler = partial(http.server.SimpleHTTPRequestHandler, directory=str(www))
-    handler.log_message = lambda *a: None
-    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    threading.Thread(target=httpd.serve_forever, daemon=True).start()
-    origin = f"http://127.0.0.1:{httpd.server_address[1]}"
-    try:
+    with serving(www) as origin:
         r = prepare(tmp_path, "--origin", origin, "--archive-origin", origin, "kddti", "rct")
         assert r.returncode == 0, r.stderr
         assert "ner_ncbi_disease: 1 fetched" in r.stdout  # the test sets come first
@@ -160,8 +179,6 @@ def test_derived_rebuilt_from_origins(tmp_path):
                "fulltext_*.txt 2); 0 of 2 files differ from it" in r.stdout
         r = prepare(tmp_path, "--origin", origin, "--archive-origin", origin, "kddti")
         assert r.returncode == 0 and "kddti: 0 fetched, 1 already complete" in r.stdout and "rebuilt" not in r.stdout
-    finally:
-        httpd.shutdown()
 
 
 def test_derived_without_builder(tmp_path):
@@ -173,3 +190,40 @@ def test_derived_without_builder(tmp_path):
     r = prepare(tmp_path, "ddi")
     assert r.returncode == 1 and r.stderr.strip() == ("error: ddi is derived from o/ddi@c3 (data/train/*.xml); "
                                                       "rebuilding it is not implemented: use --mirror DIR")
+
+
+def test_ddi_rebuilt_from_an_archive(tmp_path):
+    """DDI's three XML folders become train/dev/test files, documents in file-name order."""
+    def document(doc, sentence):
+        return (f'<document id="{doc}"><sentence id="{doc}.s0" text="{sentence}">'
+                f'<entity id="{doc}.s0.e0" charOffset="0-1" type="drug" text="{sentence[:2]}"/>'
+                f'<entity id="{doc}.s0.e1" charOffset="3-4" type="brand" text="{sentence[3:5]}"/>'
+                f'<pair id="{doc}.s0.p0" e1="{doc}.s0.e0" e2="{doc}.s0.e1" ddi="true" type="int"/></sentence></document>')
+    make_archive(tmp_path / "www" / "o" / "ddi" / "archive" / "c4.tar.gz", "ddi-c4", {
+        "data/train/B.xml": document("d.b", "Bb Cc."), "data/train/A.xml": document("d.a", "Aa Bb."),
+        "data/devel/C.xml": document("d.c", "Cc Dd."), "data/test/D.xml": document("d.d", "Dd Ee."),
+        "data/other/E.xml": document("d.e", "not a split")})
+    pairs_header = "pair_id\tlabel\te1_text\te1_type\te1_offset\te2_text\te2_type\te2_offset\tsentence_masked"
+    sentences_header = "sentence_id\tdoc_id\ttext"
+    expected = {"train.tsv": ["d.a.s0.p0\tint\tAa\tdrug\t0-1\tBb\tbrand\t3-4\t@DRUG$ @DRUG$.",
+                              "d.b.s0.p0\tint\tBb\tdrug\t0-1\tCc\tbrand\t3-4\t@DRUG$ @DRUG$."],
+                "train_sentences.tsv": ["d.a.s0\td.a\tAa Bb.", "d.b.s0\td.b\tBb Cc."],
+                "dev.tsv": ["d.c.s0.p0\tint\tCc\tdrug\t0-1\tDd\tbrand\t3-4\t@DRUG$ @DRUG$."],
+                "dev_sentences.tsv": ["d.c.s0\td.c\tCc Dd."],
+                "test.tsv": ["d.d.s0.p0\tint\tDd\tdrug\t0-1\tEe\tbrand\t3-4\t@DRUG$ @DRUG$."],
+                "test_sentences.tsv": ["d.d.s0\td.d\tDd Ee."]}
+    texts = {f: "".join(line + "\n" for line in [pairs_header if "sentences" not in f else sentences_header] + lines)
+             for f, lines in expected.items()}
+    registry = {"re_ddi": {"licence": "CC BY-NC", "files": [registry_entry(f, "o/ddi", "c4", "data", t, True)
+                                                            for f, t in texts.items()],
+                           "derive": {"builder": "ddi", "docs": {"train.tsv": 2, "dev.tsv": 1, "test.tsv": 1,
+                                                                "*_sentences.tsv": 4},
+                                      "archive": {"repo": "o/ddi", "commit": "c4", "count": 4,
+                                                  "members": ["data/train/*.xml", "data/devel/*.xml", "data/test/*.xml"]}}}}
+    (tmp_path / "registry.json").write_text(json.dumps(registry))
+    with serving(tmp_path / "www") as origin:
+        r = prepare(tmp_path, "--origin", origin, "--archive-origin", origin)
+    assert r.returncode == 0, r.stderr
+    assert "re_ddi: rebuilt train.tsv 2 docs, dev.tsv 1 docs, test.tsv 1 docs, *_sentences.tsv 4 docs; identical" in r.stdout
+    for f, t in texts.items():
+        assert (tmp_path / "data" / "re_ddi" / f).read_text() == t
