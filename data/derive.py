@@ -108,7 +108,8 @@ def article_parts(text):
     `ABSTRACT.<NAME>::` or `BODY.<NAME>:`. The abstract joins every ABSTRACT section except the
     electronic supplementary material; the body joins the BODY sections except back matter
     (competing interests, contributions, abbreviations, acknowledgements, funding, ...). A label
-    that does not stand on its own line stays in the text (a known artefact of the source).
+    that does not stand on its own line stays in the text (a known artefact of the source); an
+    abstract without ABSTRACT labels (plain paragraphs after the title) counts as none.
     """
     title, abstract, body, current = [], [], [], None
     for line in text.split("\n"):
@@ -121,6 +122,8 @@ def article_parts(text):
                 current = None if "ELECTRONIC SUPPLEMENTARY" in label else abstract
             else:
                 current = None if any(word in label for word in BACK_MATTER) else body
+        elif current is title and title and not line.strip():
+            current = None  # the title is the section's first paragraph; unlabelled text after it is lost
         elif current is not None:
             current.append(line)
     return normalise(" ".join(title)), normalise(" ".join(abstract)), normalise(" ".join(body))

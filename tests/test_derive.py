@@ -30,6 +30,9 @@ def test_article_parts():
                                                          "BODY.RESULTS:\nPara two.\nTable 1BODY. STRAY : kept\n"))
     assert title == "A trial of things" and abstract == "We did a trial."  # supplementary material dropped
     assert body == "Para one. Para two. Table 1BODY. STRAY : kept"  # back matter dropped, an inline label kept
+    # an abstract without labels, as some articles have it, is no abstract (the article is dropped)
+    assert derive.article_parts("TITLE: \nA title\n\n\nObjective. Unlabelled.\nBODY.1. INTRODUCTION:\nText.\n") == \
+        ("A title", "", "Text.")
 
 
 def test_evidence_inference_selection_cap_and_files():
