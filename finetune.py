@@ -28,8 +28,8 @@ import torch
 from tiny_sparse_bert.data import load_tokenizer
 from tiny_sparse_bert.model import BertConfig, BertForMaskedLM, BertForSequenceClassification, BertForTokenClassification
 from tiny_sparse_bert.pruning import MagnitudePruner, prunable_parameters
-from tiny_sparse_bert.tasks import (collate, encode, entity_f1, f1_scores, get_task, label_list, load_splits,
-                                   multilabel_f1)
+from tiny_sparse_bert.tasks import (best_threshold, collate, encode, entity_f1, f1_scores, get_task, label_list,
+                                   load_splits, multilabel_f1)
 from tiny_sparse_bert.train import (autocast, load_checkpoint, make_optimizer, parse_config, setup_distributed,
                                     to_device, train, use_bf16, wrap_ddp)
 
@@ -117,8 +117,12 @@ def head_model(task, mlm, n_labels):
 
 
 @torch.no_grad()
-def evaluate(model, task, items, n_labels):
-    """The task's metrics on encoded examples (batched by length, so little padding)."""
+def evaluate(model, task, items, n_labels, threshold=None):
+    """The task's metrics on encoded examples (batched by length, so little padding).
+
+    A multi-label task predicts the labels whose probability exceeds `threshold`; None tunes it on
+    these items (do that on dev only) and reports it with the metrics.
+    """
     model.eval()
     order = sorted(range(len(items)), key=lambda i: len(items[i]["ids"]))
     preds = [None] * len(items)
@@ -130,7 +134,7 @@ def evaluate(model, task, items, n_labels):
         logits = logits.float().cpu()
         for row, i in enumerate(idx):
             preds[i] = (logits[row].argmax(-1) if task.kind == "ner" else
-                        (logits[row] > 0).int() if task.kind == "multi" else logits[row].argmax())
+                        logits[row].sigmoid() if task.kind == "multi" else logits[row].argmax())
     model.train()
     names = labels[task.name]
     if task.kind == "ner":  # one prediction per word, read at its first piece; words cut off by max_len get O
@@ -139,7 +143,9 @@ def evaluate(model, task, items, n_labels):
                 for it, p in zip(items, preds)]
         return entity_f1(gold, pred)
     if task.kind == "multi":
-        return multilabel_f1([it["y"] for it in items], [p.tolist() for p in preds])
+        gold, probs = np.array([it["y"] for it in items]), torch.stack(preds).numpy()
+        threshold = best_threshold(gold, probs) if threshold is None else threshold
+        return {**multilabel_f1(gold, probs > threshold), "threshold": threshold}
     return f1_scores([it["y"] for it in items], [int(p) for p in preds], n_labels)
 
 
@@ -176,13 +182,14 @@ for name, mlm, sparse, tokenizer in encoders:
                 idx = orders[epoch][i * cfg.batch_size:(i + 1) * cfg.batch_size][rank::world]  # this rank's rows
                 return collate([encoded["train"][j] for j in idx], task.kind)
 
-            best = {"score": -1.0, "state": None}
+            best = {"score": -1.0, "state": None, "threshold": None}
 
-            def select_on_dev():  # keep the weights of the best dev score (model selection)
-                score = evaluate(model, task, encoded["dev"], n_labels)[task.metric]
-                if score > best["score"]:
-                    best.update(score=score, state=copy.deepcopy(model.state_dict()))
-                return f"dev {task.metric} {score:.4f}"
+            def select_on_dev():  # keep the weights (and multi-label threshold) of the best dev score
+                dev = evaluate(model, task, encoded["dev"], n_labels)
+                if dev[task.metric] > best["score"]:
+                    best.update(score=dev[task.metric], state=copy.deepcopy(model.state_dict()),
+                                threshold=dev.get("threshold"))
+                return f"dev {task.metric} {dev[task.metric]:.4f}"
 
             train(model, make_optimizer(model, cfg.lr, cfg.weight_decay), batch_fn, steps, peak_lr=cfg.lr,
                   warmup_steps=int(cfg.warmup * steps), ckpt_path=None, extra_state={}, pruner=pruner,
@@ -195,7 +202,7 @@ for name, mlm, sparse, tokenizer in encoders:
                 info[name]["mask_unchanged"] = True
             if pruner and not pruner.frozen:
                 info[name].update(pruned_in_finetune=pruner.sparsity())
-            test = evaluate(model, task, encoded["test"], n_labels)
+            test = evaluate(model, task, encoded["test"], n_labels, best["threshold"])
             scores.append(test[task.metric])
             print(f"{name} / {task.name} / seed {seed}: dev {task.metric} {best['score']:.4f}, "
                   f"test {', '.join(f'{k} {v:.4f}' for k, v in test.items())}")

@@ -2,8 +2,8 @@ import pytest
 
 from tiny_sparse_bert.data import train_tokenizer
 from tiny_sparse_bert.model import IGNORE_INDEX
-from tiny_sparse_bert.tasks import (TASKS, collate, encode, entity_f1, entity_spans, f1_scores, get_task, label_list,
-                                    load_splits, multilabel_f1, read_chemprot, read_hoc, read_ner, read_nicta,
+from tiny_sparse_bert.tasks import (TASKS, best_threshold, collate, encode, entity_f1, entity_spans, f1_scores, get_task,
+                                    label_list, load_splits, multilabel_f1, read_chemprot, read_hoc, read_ner, read_nicta,
                                     read_pubmedqa, read_sentence_label)
 
 
@@ -37,6 +37,11 @@ def test_classification_metrics():
     assert r["accuracy"] == 0.75 and r["macro_f1"] == pytest.approx((2 / 3 + 2 / 3 + 1) / 3)
     r = multilabel_f1([[1, 0, 1], [0, 0, 0]], [[1, 1, 0], [0, 0, 0]])
     assert r["micro_f1"] == pytest.approx(0.5) and r["exact_match"] == 0.5
+    # every probability under 0.5, yet ranked right: 0.5 predicts nothing, the tuned threshold all of it
+    gold, probs = [[1, 0], [0, 0], [0, 1]], [[0.3, 0.1], [0.1, 0.05], [0.2, 0.4]]
+    assert multilabel_f1(gold, [[p > 0.5 for p in row] for row in probs])["micro_f1"] == 0.0
+    t = best_threshold(gold, probs)
+    assert 0.2 <= t < 0.3 and multilabel_f1(gold, [[p > t for p in row] for row in probs])["micro_f1"] == 1.0
 
 
 def test_readers_and_malformed_lines(tmp_path):
