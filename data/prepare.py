@@ -182,12 +182,14 @@ def prepare_dataset(name, registry, args, done):
     for entry in dataset["files"]:
         if args.mirror or not entry.get("derived"):
             counts[prepare_file(name, entry, args.out, args.mirror, args.origin)] += 1
-    complete = all(os.path.exists(p) and sha256_of(p) == e["sha256"]
-                   for e in derived for p in [os.path.join(args.out, name, e["file"])])
-    if derived and not args.mirror and complete:
+    rebuild = bool(derived) and not args.mirror  # (with --mirror they were copied above)
+    if rebuild and all(os.path.exists(p) and sha256_of(p) == e["sha256"]
+                       for e in derived for p in [os.path.join(args.out, name, e["file"])]):
         counts["skipped"] += len(derived)
-    print(f"{name}: {counts['fetched']} fetched, {counts['skipped']} already complete")
-    if derived and not args.mirror and not complete:
+        rebuild = False
+    if sum(counts.values()):  # a data set of derived files only says what it did after the rebuild
+        print(f"{name}: {counts['fetched']} fetched, {counts['skipped']} already complete")
+    if rebuild:
         if not_rebuildable(name, dataset):
             raise PrepareError(not_rebuildable(name, dataset))
         for need in dataset["derive"].get("needs", []):
