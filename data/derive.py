@@ -13,7 +13,7 @@ sha256).
     ddi(xml_texts)                             DDI-2013 XML (one split) -> candidate pairs, sentences
 
 Pretraining text must not contain the downstream test sets, or fine-tuning scores measure memory:
-`TestOverlap` finds the documents that share word 8-grams with them (README section 5).
+`OverlapFilter` finds the documents that share word 8-grams with them (README section 5).
 """
 import json
 import os
@@ -43,7 +43,7 @@ def word_8grams(ws):
     return {tuple(ws[i:i + 8]) for i in range(len(ws) - 7)}
 
 
-class TestOverlap:
+class OverlapFilter:
     """Flags documents that contain test sentences (README section 5).
 
     A document overlaps when it holds at least half of the 8-grams of one test sentence of 12 or

@@ -113,35 +113,44 @@ def read_archive(path, members, count):
     return sorted(found)
 
 
+def run_builder(spec, texts, files, folder, overlap):
+    """Call the data set's builder in derive.py on its origins; return {file name: lines}."""
+    if spec["builder"] == "evidence_inference":  # annotations/txt_files/PMC123.txt -> PMC123
+        return derive.evidence_inference([(os.path.basename(p)[:-4], text) for p, text in files], overlap)
+    if spec["builder"] == "ddi":  # data/{train,devel,test}/*.xml -> {train,dev,test}.tsv and _sentences.tsv
+        built = {}
+        for folder_name, split in (("train", "train"), ("devel", "dev"), ("test", "test")):
+            xml_texts = [text for p, text in files if p.split("/")[-2] == folder_name]
+            built[f"{split}.tsv"], built[f"{split}_sentences.tsv"] = derive.ddi(xml_texts)
+        return built
+    if spec["builder"] == "kddti":
+        entries = sum(len(json.loads(t)) for t in texts)
+        if entries != spec["entries"]:
+            raise ValueError(f"the KD-DTI files hold {entries} entries, the origin {spec['entries']}")
+        return derive.kddti(texts, overlap)
+    # pubmedqa: the data set's own two plain files, plus BioGPT's split lists
+    own = [open(os.path.join(folder, f), encoding="utf-8").read() for f in ("ori_pqal.json", "test_ground_truth.json")]
+    return derive.pubmedqa(*own, *texts)
+
+
 def build_derived(name, dataset, out_dir, origin, archive_origin):
     """Rebuild the derived files of one data set with data/derive.py; compare with the reference build."""
     spec, folder = dataset["derive"], os.path.join(out_dir, name)
     cache = os.path.join(out_dir, "cache", "origins")
     sources = [fetch_origin(url_of(s, origin), cache) for s in spec.get("sources", [])]
-    texts = [open(p, encoding="utf-8").read() for p in sources]
-    overlap = derive.TestOverlap(derive.biomedical_test_sentences(out_dir)) if "needs" in spec else None
+    files = []
     if "archive" in spec:
         a = spec["archive"]
         archive = fetch_origin(f"{archive_origin}/{a['repo']}/archive/{a['commit']}.tar.gz", cache)
         files = read_archive(archive, a["members"], a["count"])
-    if spec["builder"] == "evidence_inference":  # annotations/txt_files/PMC123.txt -> PMC123
-        built = derive.evidence_inference([(os.path.basename(p)[:-4], text) for p, text in files], overlap)
-    elif spec["builder"] == "ddi":  # data/{train,devel,test}/*.xml -> {train,dev,test}.tsv and _sentences.tsv
-        built = {}
-        for folder_name, split in (("train", "train"), ("devel", "dev"), ("test", "test")):
-            xml_texts = [text for p, text in files if p.split("/")[-2] == folder_name]
-            built[f"{split}.tsv"], built[f"{split}_sentences.tsv"] = derive.ddi(xml_texts)
-    elif spec["builder"] == "kddti":
-        entries = sum(len(json.loads(t)) for t in texts)
-        if entries != spec["entries"]:
-            raise PrepareError(f"KD-DTI origin files hold {entries} entries, expected {spec['entries']}: {sources}")
-        built = derive.kddti(texts, overlap)
-    else:  # pubmedqa: its own plain files plus BioGPT's split lists
-        own = [open(os.path.join(folder, f), encoding="utf-8").read() for f in ("ori_pqal.json", "test_ground_truth.json")]
-        try:
-            built = derive.pubmedqa(*own, *texts)
-        except ValueError as e:
-            raise PrepareError(f"{name}: {e}")
+    # the pretraining corpora are filtered against the test sets they "need" (prepared before)
+    overlap = derive.OverlapFilter(derive.biomedical_test_sentences(out_dir)) if "needs" in spec else None
+    try:
+        texts = [open(p, encoding="utf-8").read() for p in sources]
+        built = run_builder(spec, texts, files, folder, overlap)
+    except (ValueError, KeyError, SyntaxError) as e:  # bad JSON, UTF-8 or XML (ParseError), a missing field
+        raise PrepareError(f"{name}: cannot rebuild from the origins in {cache} ({type(e).__name__}: {e}); "
+                           f"remove them and run again")
     os.makedirs(folder, exist_ok=True)
     for file, lines in built.items():  # each written atomically
         with open(os.path.join(folder, file + ".tmp"), "w", encoding="utf-8") as f:

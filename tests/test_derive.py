@@ -53,7 +53,7 @@ def test_evidence_inference_selection_cap_and_files():
 
 
 def test_overlap_filter():
-    overlap = derive.TestOverlap([TEST_SENTENCE, "too short to count: seizures fewer than placebo"])
+    overlap = derive.OverlapFilter([TEST_SENTENCE, "too short to count: seizures fewer than placebo"])
     assert overlap(f"Background. {TEST_SENTENCE.upper()}, as reported before. " + "Other words here. " * 50)
     half = TEST_SENTENCE.split()[:9]  # 9 of 16 words: 2 of the sentence's 9 8-grams -> not half
     assert not overlap(" ".join(half) + " and then something else entirely " * 20)
@@ -74,7 +74,7 @@ def test_kddti():
              "12": {"title": "No abstract.", "abstract": "", "triples": []}}
     test = {"11": {"title": "Drug A again.", "abstract": "Seen before.", "triples": []},
             "13": {"title": "Leak.", "abstract": TEST_SENTENCE, "triples": []}}
-    out = derive.kddti([json.dumps(valid), json.dumps(test)], derive.TestOverlap([TEST_SENTENCE]))
+    out = derive.kddti([json.dumps(valid), json.dumps(test)], derive.OverlapFilter([TEST_SENTENCE]))
     assert out == {"abstracts.txt": ["11\tDrug A. It binds &gt; B."]}
 
 
@@ -105,7 +105,7 @@ def test_against_the_reference_build():
     out = derive.pubmedqa(read("ori_pqal.json"), read("test_ground_truth.json"), tsv["train"], tsv["dev"])
     for file, lines in out.items():
         assert "".join(line + "\n" for line in lines) == read(file), file
-    overlap = derive.TestOverlap(derive.biomedical_test_sentences(MIRROR))
+    overlap = derive.OverlapFilter(derive.biomedical_test_sentences(MIRROR))
     for corpus in ("biomed_abstracts_kddti", "biomed_evidence_inference"):  # full texts: 6 s more, passed too
         with open(os.path.join(MIRROR, corpus, "abstracts.txt"), encoding="utf-8") as f:
             assert not any(overlap(line.partition("\t")[2]) for line in f), corpus

@@ -227,3 +227,19 @@ def test_ddi_rebuilt_from_an_archive(tmp_path):
     assert "re_ddi: rebuilt train.tsv 2 docs, dev.tsv 1 docs, test.tsv 1 docs, *_sentences.tsv 4 docs; identical" in r.stdout
     for f, t in texts.items():
         assert (tmp_path / "data" / "re_ddi" / f).read_text() == t
+
+
+def test_corrupt_origin_is_one_line(tmp_path):
+    """An origin that does not parse (here truncated JSON) stops the rebuild with one line naming the cache."""
+    (tmp_path / "www" / "o" / "bio" / "c1").mkdir(parents=True)
+    (tmp_path / "www" / "o" / "bio" / "c1" / "valid.json").write_text('{"1": {"title": "Cut off')
+    source = {"repo": "o/bio", "commit": "c1", "path": "valid.json"}
+    registry = {"kddti": {"licence": "MIT", "files": [registry_entry("abstracts.txt", **source, text="x\n", derived=True)],
+                          "derive": {"builder": "kddti", "sources": [source], "entries": 1, "docs": {"abstracts.txt": 1}}}}
+    (tmp_path / "registry.json").write_text(json.dumps(registry))
+    with serving(tmp_path / "www") as origin:
+        r = prepare(tmp_path, "--origin", origin)
+    line = r.stderr.strip().splitlines()[-1]
+    assert r.returncode == 1 and line.startswith("error: kddti: cannot rebuild from the origins in ")
+    assert "JSONDecodeError" in line and line.endswith("remove them and run again")
+    assert not (tmp_path / "data" / "kddti" / "abstracts.txt").exists()
