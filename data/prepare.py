@@ -85,6 +85,11 @@ def prepare_file(name, entry, out_dir, mirror, origin):
     return "fetched"
 
 
+def read_text(path):
+    with open(path, encoding="utf-8") as f:
+        return f.read()
+
+
 def fetch_origin(url, cache):
     """Download `url` once into the cache folder (atomically); return the local path."""
     path = os.path.join(cache, url.split("://", 1)[1].replace("/", "_"))
@@ -129,7 +134,7 @@ def run_builder(spec, texts, files, folder, overlap):
             raise ValueError(f"the KD-DTI files hold {entries} entries, the origin {spec['entries']}")
         return derive.kddti(texts, overlap)
     # pubmedqa: the data set's own two plain files, plus BioGPT's split lists
-    own = [open(os.path.join(folder, f), encoding="utf-8").read() for f in ("ori_pqal.json", "test_ground_truth.json")]
+    own = [read_text(os.path.join(folder, f)) for f in ("ori_pqal.json", "test_ground_truth.json")]
     return derive.pubmedqa(*own, *texts)
 
 
@@ -146,7 +151,7 @@ def build_derived(name, dataset, out_dir, origin, archive_origin):
     # the pretraining corpora are filtered against the test sets they "need" (prepared before)
     overlap = derive.OverlapFilter(derive.biomedical_test_sentences(out_dir)) if "needs" in spec else None
     try:
-        texts = [open(p, encoding="utf-8").read() for p in sources]
+        texts = [read_text(p) for p in sources]
         built = run_builder(spec, texts, files, folder, overlap)
     except (ValueError, KeyError, SyntaxError) as e:  # bad JSON, UTF-8 or XML (ParseError), a missing field
         raise PrepareError(f"{name}: cannot rebuild from the origins in {cache} ({type(e).__name__}: {e}); "

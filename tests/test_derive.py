@@ -99,7 +99,10 @@ def test_pubmedqa():
 def test_against_the_reference_build():
     """PubMedQA rebuilt from the mirror's origin files is byte-identical; the filter passes the kept documents."""
     folder = os.path.join(MIRROR, "qa_pubmedqa")
-    read = lambda f: open(os.path.join(folder, f), encoding="utf-8").read()  # noqa: E731
+
+    def read(file):
+        with open(os.path.join(folder, file), encoding="utf-8") as f:
+            return f.read()
     tsv = {split: "".join(f"question: {json.loads(line)['question']} context: ... answer: ...\tyes\n"
                           for line in read(f"{split}.jsonl").split("\n") if line) for split in ("train", "dev")}
     out = derive.pubmedqa(read("ori_pqal.json"), read("test_ground_truth.json"), tsv["train"], tsv["dev"])

@@ -19,6 +19,37 @@ PREPARE = os.path.join(ROOT, "data", "prepare.py")
 FILES = {"a.txt": b"first fixture file\n" * 100, "b.txt": b"second fixture file\n" * 50}
 
 
+@contextlib.contextmanager
+def serving(www):
+    """Serve the folder `www` over HTTP on 127.0.0.1; yields its URL."""
+    handler = partial(http.server.SimpleHTTPRequestHandler, directory=str(www))
+    handler.log_message = lambda *a: None
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{httpd.server_address[1]}"
+    finally:
+        httpd.shutdown()
+
+
+def make_archive(path, top, files):
+    """A .tar.gz of {path inside: text} below the folder `top`, as GitHub serves a repository."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tarfile.open(path, "w:gz") as tar:
+        for inside, text in files.items():
+            data = text.encode()
+            info = tarfile.TarInfo(f"{top}/{inside}")
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+
+
+def registry_entry(file, repo, commit, path, text, derived=False):
+    """The registry.json entry of a file with this text."""
+    data = text.encode()
+    return {"file": file, "repo": repo, "path": path, "commit": commit, "bytes": len(data),
+            "sha256": hashlib.sha256(data).hexdigest(), **({"derived": True} if derived else {})}
+
+
 @pytest.fixture
 def server(tmp_path):
     """Serve tmp_path/www as the origin; the registry points at owner/repo@c0ffee/files/<name>."""
@@ -26,16 +57,11 @@ def server(tmp_path):
     www.mkdir(parents=True)
     for name, data in FILES.items():
         (www / name).write_bytes(data)
-    registry = {"toy": {"licence": "CC0", "files": [
-        {"file": name, "repo": "owner/repo", "path": f"files/{name}", "commit": "c0ffee", "bytes": len(data),
-         "sha256": hashlib.sha256(data).hexdigest()} for name, data in FILES.items()]}}
+    files = [registry_entry(name, "owner/repo", "c0ffee", f"files/{name}", data.decode()) for name, data in FILES.items()]
+    registry = {"toy": {"licence": "CC0", "files": files}}
     (tmp_path / "registry.json").write_text(json.dumps(registry))
-    handler = partial(http.server.SimpleHTTPRequestHandler, directory=str(tmp_path / "www"))
-    handler.log_message = lambda *a: None
-    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    threading.Thread(target=httpd.serve_forever, daemon=True).start()
-    yield tmp_path, f"http://127.0.0.1:{httpd.server_address[1]}", www
-    httpd.shutdown()
+    with serving(tmp_path / "www") as origin:
+        yield tmp_path, origin, www
 
 
 def prepare(tmp_path, *args):
@@ -93,36 +119,6 @@ def test_list_and_real_registry():
     with open(os.path.join(ROOT, "data", "registry.json")) as f:
         registry = json.load(f)
     assert sum(len(ds["files"]) for ds in registry.values()) == 112  # every file of SOURCES.md
-
-
-@contextlib.contextmanager
-def serving(www):
-    """Serve the folder `www` over HTTP on 127.0.0.1; yields its URL."""
-    handler = partial(http.server.SimpleHTTPRequestHandler, directory=str(www))
-    handler.log_message = lambda *a: None
-    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    threading.Thread(target=httpd.serve_forever, daemon=True).start()
-    try:
-        yield f"http://127.0.0.1:{httpd.server_address[1]}"
-    finally:
-        httpd.shutdown()
-
-
-def make_archive(path, top, files):
-    """A .tar.gz of {path inside: text} below the folder `top`, as GitHub serves a repository."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with tarfile.open(path, "w:gz") as tar:
-        for inside, text in files.items():
-            data = text.encode()
-            info = tarfile.TarInfo(f"{top}/{inside}")
-            info.size = len(data)
-            tar.addfile(info, io.BytesIO(data))
-
-
-def registry_entry(file, repo, commit, path, text, derived=False):
-    data = text.encode()
-    return {"file": file, "repo": repo, "path": path, "commit": commit, "bytes": len(data),
-            "sha256": hashlib.sha256(data).hexdigest(), **({"derived": True} if derived else {})}
 
 
 def test_derived_rebuilt_from_origins(tmp_path):
