@@ -30,8 +30,9 @@ from tiny_sparse_bert.model import BertConfig, BertForMaskedLM, BertForSequenceC
 from tiny_sparse_bert.pruning import MagnitudePruner, prunable_parameters
 from tiny_sparse_bert.tasks import (best_threshold, collate, encode, entity_f1, f1_scores, get_task, label_list,
                                    load_splits, multilabel_f1)
-from tiny_sparse_bert.train import (autocast, load_checkpoint, make_optimizer, parse_config, setup_distributed,
-                                    to_device, train, use_bf16, wrap_ddp)
+from tiny_sparse_bert.train import (autocast, check_options, check_run_dir, check_writable, load_checkpoint,
+                                    make_optimizer, parse_config, setup_distributed, to_device, train, use_bf16,
+                                    wrap_ddp)
 
 
 @dataclass
@@ -64,12 +65,18 @@ PRESETS = {
 }
 
 preset, cfg = parse_config(Config, PRESETS, __doc__.splitlines()[0])
+check_options(cfg, positive=("seeds", "epochs", "batch_size", "lr", "max_len"),
+              non_negative=("max_train", "max_eval", "weight_decay"), fraction=("warmup",),
+              below_one=("dropout", "prune_during_finetune"))
+model_dirs = [m for m in cfg.models.split(",") if m]
+for directory in model_dirs:  # arguments first, before any data is read
+    check_run_dir(directory, "--models", "train_general.py or train_bio.py")
+check_writable(cfg.out)
 rank, world, device = setup_distributed(cfg.device)  # one process, or one of `torchrun --nproc_per_node N`
 bf16 = use_bf16(device, cfg.precision)
 if rank != 0:
     sys.stdout = open(os.devnull, "w")  # only rank 0 prints and writes files
 print(f"config (preset {preset}, {world} process{'es' if world > 1 else ''} on {device}{', bf16' if bf16 else ''}): {asdict(cfg)}")
-model_dirs = [m for m in cfg.models.split(",") if m]
 tasks = [get_task(t) for t in cfg.tasks.split(",") if t]
 t_start = time.time()
 
@@ -93,7 +100,7 @@ for task in tasks:
 # %% 3) models: load a pretrained encoder (or a random one) under a task head
 def load_encoder(directory):
     """(name, BertForMaskedLM, is_sparse, tokenizer) of a checkpoint directory."""
-    ckpt = load_checkpoint(os.path.join(directory, "ckpt.pt"))
+    ckpt = load_checkpoint(os.path.join(directory, "ckpt.pt"), "train_general.py or train_bio.py")
     mlm = BertForMaskedLM(BertConfig(**ckpt["model_config"]))
     mlm.load_state_dict(ckpt["model"])
     tokenizer = load_tokenizer(os.path.join(directory, "tokenizer.json"))

@@ -10,6 +10,7 @@ mask held fixed. Here the tokenizer of the general checkpoint is kept, and
     python train_bio.py --init out/general-sparse90    # -> out/bio-sparse90/
     python train_bio.py --init out/general-dense       # -> out/bio-dense/
     python train_bio.py --preset tiny --init ...       # seconds, for tests
+    python train_bio.py --init ... --resume            # continue after Ctrl-C; --overwrite starts over
 
 Run it cell by cell (`# %%`) in an editor, or top to bottom.
 """
@@ -24,15 +25,15 @@ import torch
 from tiny_sparse_bert.data import Blocks, corpus_files, load_tokenizer, tokenize_corpus
 from tiny_sparse_bert.model import BertConfig, BertForMaskedLM
 from tiny_sparse_bert.pruning import MagnitudePruner
-from tiny_sparse_bert.train import (barrier, evaluate_mlm, load_checkpoint, make_optimizer,
-                                    mlm_batch, parse_config, resume, save_run_files, setup_distributed, train, use_bf16,
-                                    unigram_log_probs, wrap_ddp)
+from tiny_sparse_bert.train import (barrier, check_options, check_resume_config, check_run_dir, check_writable,
+                                    evaluate_mlm, load_checkpoint, make_optimizer, mlm_batch, parse_config, resume,
+                                    save_run_files, setup_distributed, train, use_bf16, unigram_log_probs, wrap_ddp)
 
 
 @dataclass
 class Config:
     init: str = "out/general-sparse90"  # a directory written by train_general.py
-    out: str = ""                  # default: the init's name with general -> bio (out/bio-sparse90)
+    out: str = ""                  # default: the init's name with general -> bio (out/bio-sparse90), else bio-NAME
     data: str = "data"
     max_docs: int = 0              # use only the first N documents of each corpus (0 = all)
     seq_len: int = 128
@@ -50,8 +51,13 @@ class Config:
     device: str = "auto"           # auto | cpu | cuda
     compile: bool = False         # torch.compile the model (worth it on a GPU)
     precision: str = "auto"        # auto (bf16 on CUDA and AMX CPUs, else fp32) | bf16 | fp32
-    resume: bool = False
+    resume: bool = False           # continue the run in --out (after Ctrl-C, a crash, a NaN)
+    overwrite: bool = False        # start over, replacing the run in --out (it is refused otherwise)
 
+
+# what may change when resuming a finished run (check_resume_config)
+BOOKKEEPING = ("out", "eval_batches", "eval_every", "log_every", "ckpt_every", "device", "compile", "precision",
+               "resume", "overwrite")
 
 PRESETS = {
     "default": {},
@@ -61,14 +67,32 @@ PRESETS = {
 }
 
 preset, cfg = parse_config(Config, PRESETS, __doc__.splitlines()[0])
-out_dir = cfg.out or os.path.join(os.path.dirname(cfg.init.rstrip("/")),
-                                  os.path.basename(cfg.init.rstrip("/")).replace("general", "bio"))
-assert os.path.abspath(out_dir) != os.path.abspath(cfg.init), "--out must differ from --init"
+check_options(cfg, positive=("seq_len", "batch_size", "steps", "lr", "eval_batches", "log_every", "mlm_prob"),
+              non_negative=("max_docs", "weight_decay", "eval_every", "ckpt_every"), fraction=("warmup",),
+              below_one=("mlm_prob",))
+check_run_dir(cfg.init, "--init", "train_general.py")  # arguments first: the corpora take a while
+init_name = os.path.basename(os.path.normpath(cfg.init))
+out_dir = cfg.out or os.path.join(os.path.dirname(os.path.normpath(cfg.init)),
+                                  init_name.replace("general", "bio") if "general" in init_name else "bio-" + init_name)
+if os.path.abspath(out_dir) == os.path.abspath(cfg.init):
+    raise SystemExit(f"error: --out {out_dir} is the --init directory; choose another --out")
+ckpt_path = os.path.join(out_dir, "ckpt.pt")
+if cfg.resume and cfg.overwrite:
+    raise SystemExit("error: --resume continues the run in --out, --overwrite replaces it: choose one")
+if os.path.exists(ckpt_path) and not (cfg.resume or cfg.overwrite):
+    raise SystemExit(f"error: {ckpt_path} exists (an earlier run); continue it with --resume, or start over "
+                     f"with --overwrite (or choose another --out)")
+if cfg.resume and os.path.exists(ckpt_path):
+    check_resume_config(ckpt_path, cfg, BOOKKEEPING, "steps")
+check_writable(out_dir)
+init = load_checkpoint(os.path.join(cfg.init, "ckpt.pt"), "train_general.py")
 torch.manual_seed(cfg.seed)
 rank, world, device = setup_distributed(cfg.device)  # one process, or one of `torchrun --nproc_per_node N`
 bf16 = use_bf16(device, cfg.precision)
 if rank != 0:
     sys.stdout = open(os.devnull, "w")  # only rank 0 prints, evaluates and writes files
+if cfg.overwrite and rank == 0 and os.path.exists(ckpt_path):
+    os.remove(ckpt_path)  # the run being replaced; the first checkpoint of this one takes its place
 print(f"config (preset {preset}, {world} process{'es' if world > 1 else ''} on {device}{', bf16' if bf16 else ''}): {asdict(cfg)}")
 t_start = time.time()
 
@@ -96,7 +120,6 @@ def evaluate(model, domain):
 
 
 # %% 3) model: the general checkpoint; a sparse one gets frozen masks (weight != 0)
-init = load_checkpoint(os.path.join(cfg.init, "ckpt.pt"))
 model_config = BertConfig(**init["model_config"])
 model = BertForMaskedLM(model_config).to(device)
 model.load_state_dict(init["model"])
@@ -110,8 +133,7 @@ before = {d: evaluate(model, d) for d in held_out}
 
 # %% 4) train: continued MLM pretraining on biomedical text
 optimizer = make_optimizer(model, cfg.lr, cfg.weight_decay)
-ckpt_path = os.path.join(out_dir, "ckpt.pt")
-start = resume(ckpt_path, model, optimizer) if cfg.resume and os.path.exists(ckpt_path) else 0
+start = resume(ckpt_path, model, optimizer, written_by="train_bio.py") if cfg.resume and os.path.exists(ckpt_path) else 0
 print(f"\ncontinued MLM pretraining: {cfg.steps} steps of {cfg.batch_size} x {cfg.seq_len} tokens, lr {cfg.lr}")
 t_train = time.time()
 train(model, optimizer, lambda step: mlm_batch(blocks, step, cfg.mlm_prob, vocab_size, cfg.seed, rank, world), cfg.steps,

@@ -10,10 +10,12 @@ Sparse*BERT (Campos et al. 2022, section 3): a BERT model pruned with gradual ma
     python train_general.py --preset tiny    # seconds, for tests
     python train_general.py --help           # every knob
     python train_general.py --resume         # continue after Ctrl-C (finished phases are kept)
+    python train_general.py --overwrite      # start over, replacing an earlier run in --out
 
 Run it cell by cell (`# %%`) in an editor, or top to bottom.
 """
 # %% 1) config
+import glob
 import os
 import sys
 import time
@@ -25,9 +27,9 @@ from tiny_sparse_bert.data import (Blocks, corpus_files, load_tokenizer, tokeniz
                                    documents)
 from tiny_sparse_bert.model import BertConfig, BertForMaskedLM, count_parameters
 from tiny_sparse_bert.pruning import MagnitudePruner
-from tiny_sparse_bert.train import (barrier, evaluate_mlm, make_optimizer,
-                                    mlm_batch, parse_config, resume, save_run_files, setup_distributed, train, use_bf16,
-                                    unigram_log_probs, wrap_ddp)
+from tiny_sparse_bert.train import (barrier, check_options, check_resume_config, check_writable, evaluate_mlm,
+                                    make_optimizer, mlm_batch, parse_config, resume, save_run_files,
+                                    setup_distributed, train, use_bf16, unigram_log_probs, wrap_ddp)
 
 
 @dataclass
@@ -72,8 +74,16 @@ class Config:
     device: str = "auto"           # auto | cpu | cuda
     compile: bool = False         # torch.compile the model (worth it on a GPU)
     precision: str = "auto"        # auto (bf16 on CUDA and AMX CPUs, else fp32) | bf16 | fp32
-    resume: bool = False
+    resume: bool = False           # continue the run in --out (after Ctrl-C, a crash, a NaN)
+    overwrite: bool = False        # start over, replacing the run in --out (it is refused otherwise)
 
+
+# What may change when resuming a finished phase: bookkeeping, and for phase 1 the settings of phase 2
+# (check_resume_config; an unfinished phase may change more, and says so).
+BOOKKEEPING = ("out", "eval_batches", "eval_every", "log_every", "ckpt_every", "device", "compile", "precision",
+               "resume", "overwrite")
+PHASE2 = ("prune_steps", "prune_lr", "final_sparsity", "prune_begin", "prune_end", "prune_every", "global_pruning",
+          "distill", "distill_temperature")
 
 PRESETS = {
     "default": {},
@@ -85,6 +95,14 @@ PRESETS = {
 }
 
 preset, cfg = parse_config(Config, PRESETS, __doc__.splitlines()[0])
+check_options(cfg, positive=("vocab_size", "n_layer", "hidden", "n_head", "intermediate", "seq_len", "batch_size",
+                             "dense_steps", "prune_steps", "lr", "prune_lr", "prune_every", "eval_batches",
+                             "log_every", "distill_temperature", "mlm_prob"),
+              non_negative=("max_docs", "weight_decay", "eval_every", "ckpt_every"),
+              fraction=("warmup", "prune_begin", "prune_end", "distill"),
+              below_one=("final_sparsity", "dropout", "mlm_prob"))
+if cfg.prune_begin >= cfg.prune_end:
+    raise SystemExit(f"error: --prune-begin {cfg.prune_begin} must be below --prune-end {cfg.prune_end}")
 torch.manual_seed(cfg.seed)
 rank, world, device = setup_distributed(cfg.device)  # one process, or one of `torchrun --nproc_per_node N`
 bf16 = use_bf16(device, cfg.precision)
@@ -92,15 +110,35 @@ if rank != 0:
     sys.stdout = open(os.devnull, "w")  # only rank 0 prints, evaluates and writes files
 sparse_name = f"general-sparse{round(cfg.final_sparsity * 100)}"
 dense_dir, sparse_dir = os.path.join(cfg.out, "general-dense"), os.path.join(cfg.out, sparse_name)
+dense_ckpt, sparse_ckpt = os.path.join(dense_dir, "ckpt.pt"), os.path.join(sparse_dir, "ckpt.pt")
 print(f"config (preset {preset}, {world} process{'es' if world > 1 else ''} on {device}{', bf16' if bf16 else ''}): {asdict(cfg)}")
 t_start = time.time()
+
+# an earlier run in --out is continued (--resume), replaced (--overwrite), or left alone
+existing = [p for p in (dense_ckpt, sparse_ckpt) if os.path.exists(p)]
+if cfg.resume and cfg.overwrite:
+    raise SystemExit("error: --resume continues the run in --out, --overwrite replaces it: choose one")
+if existing and not (cfg.resume or cfg.overwrite):
+    raise SystemExit(f"error: {existing[0]} exists (an earlier run); continue it with --resume, or start over "
+                     f"with --overwrite (or choose another --out)")
+if cfg.resume:  # the settings that made each saved phase must not change
+    for path, ignore, steps in ((dense_ckpt, BOOKKEEPING + PHASE2, "dense_steps"),
+                                (sparse_ckpt, BOOKKEEPING, "prune_steps")):
+        if os.path.exists(path):
+            check_resume_config(path, cfg, ignore, steps)
+check_writable(cfg.out)
+if cfg.overwrite and rank == 0:  # a new dense model makes every sparse model pruned from the old one stale
+    for path in [dense_ckpt] + glob.glob(os.path.join(cfg.out, "general-sparse*", "ckpt.pt")):
+        if os.path.exists(path):
+            os.remove(path)
+barrier(world)
 
 # %% 2) data: WordPiece tokenizer on the general corpus, then one cached token array per corpus
 general_files = corpus_files(cfg.data, "general")
 tokenizer_path = os.path.join(cfg.out, "tokenizer.json")
-if rank == 0 and not os.path.exists(tokenizer_path):
+if rank == 0 and not (cfg.resume and existing):  # a resumed run keeps the tokenizer its checkpoints use
     print(f"training a {cfg.vocab_size}-token WordPiece tokenizer -> {tokenizer_path}")
-    train_tokenizer(documents(general_files, cfg.max_docs or None), cfg.vocab_size, tokenizer_path)
+    train_tokenizer(list(documents(general_files, cfg.max_docs or None)), cfg.vocab_size, tokenizer_path)
 barrier(world)  # the other ranks wait for rank 0's tokenizer
 tokenizer = load_tokenizer(tokenizer_path)
 if tokenizer.get_vocab_size() != cfg.vocab_size:
@@ -143,7 +181,6 @@ state = dict(model_config=asdict(model_config), run_config=asdict(cfg), tokenize
 # %% 4) phase 1: dense MLM pretraining from scratch
 print(f"\nphase 1: dense MLM, {cfg.dense_steps} steps of {cfg.batch_size} x {cfg.seq_len} tokens, lr {cfg.lr}")
 optimizer = make_optimizer(model, cfg.lr, cfg.weight_decay)
-dense_ckpt = os.path.join(dense_dir, "ckpt.pt")
 start = resume(dense_ckpt, model, optimizer) if cfg.resume and os.path.exists(dense_ckpt) else 0
 t_phase = time.time()
 train(model, optimizer, batch_fn, cfg.dense_steps, peak_lr=cfg.lr, warmup_steps=int(cfg.warmup * cfg.dense_steps),
@@ -169,7 +206,6 @@ print(f"\nphase 2: GMP to {cfg.final_sparsity:.0%} sparsity, cubic schedule over
       f"{cfg.prune_steps}, masks updated every {cfg.prune_every} steps, lr {cfg.prune_lr}"
       + (f", distillation weight {cfg.distill}" if teacher else ""))
 optimizer = make_optimizer(model, cfg.prune_lr, cfg.weight_decay)
-sparse_ckpt = os.path.join(sparse_dir, "ckpt.pt")
 start = resume(sparse_ckpt, model, optimizer, pruner) if cfg.resume and os.path.exists(sparse_ckpt) else 0
 t_phase = time.time()
 train(model, optimizer, batch_fn, cfg.prune_steps, peak_lr=cfg.prune_lr,

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from tiny_sparse_bert.data import (CLS_ID, MASK_ID, NUM_SPECIAL, PAD_ID, SEP_ID, Blocks,
+from tiny_sparse_bert.data import (CLS_ID, MASK_ID, NUM_SPECIAL, PAD_ID, SEP_ID, SPECIAL_TOKENS, Blocks,
                                    load_tokenizer, mask_tokens, read_gutenberg, read_id_text, read_wikipedia,
                                    tokenize_corpus, train_tokenizer, unigram_entropy)
 from tiny_sparse_bert.model import IGNORE_INDEX
@@ -82,12 +82,48 @@ def test_token_cache_reused_and_invalidated(tmp_path, tokenizer):
     train, val = tokenize_corpus("bio", files, tokenizer, str(tmp_path / "cache"), val_every=4)
     assert isinstance(train, np.memmap) and len(val) > 0
     assert (np.asarray(train) == SEP_ID).sum() == 45 and (np.asarray(val) == SEP_ID).sum() == 15  # split by doc
-    assert len(os.listdir(tmp_path / "cache")) == 2
+    assert len(os.listdir(tmp_path / "cache")) == 3  # train, val and the manifest
     tokenize_corpus("bio", files, tokenizer, str(tmp_path / "cache"), val_every=4)
-    assert len(os.listdir(tmp_path / "cache")) == 2  # reused
+    assert len(os.listdir(tmp_path / "cache")) == 3  # reused
     write(tmp_path, "abstracts.txt", BIO * 31)  # the corpus changed: a new cache
     train2, _ = tokenize_corpus("bio", files, tokenizer, str(tmp_path / "cache"), val_every=4)
-    assert len(os.listdir(tmp_path / "cache")) == 4 and len(train2) > len(train)
+    assert len(os.listdir(tmp_path / "cache")) == 6 and len(train2) > len(train)
+
+
+@pytest.mark.parametrize("damage", ["truncate", "empty", "same-size garbage", "delete"])
+def test_damaged_token_cache_is_rebuilt(tmp_path, tokenizer, capsys, damage):
+    files = [(read_id_text, write(tmp_path, "abstracts.txt", BIO * 30))]
+    cache = str(tmp_path / "cache")
+    train, val = (np.array(a) for a in tokenize_corpus("bio", files, tokenizer, cache, val_every=4))
+    path = next(os.path.join(cache, f) for f in os.listdir(cache) if f.endswith(".train.npy"))
+    size = os.path.getsize(path)
+    if damage == "delete":
+        os.remove(path)
+    else:
+        with open(path, "r+b") as f:
+            if damage == "same-size garbage":  # a valid header, other token ids
+                f.seek(size - 64)
+                f.write(bytes(64))
+            else:
+                f.truncate(size // 2 if damage == "truncate" else 0)
+    train2, val2 = tokenize_corpus("bio", files, tokenizer, cache, val_every=4)
+    assert f"token cache {path} does not match its manifest" in capsys.readouterr().out
+    assert np.array_equal(train2, train) and np.array_equal(val2, val) and os.path.getsize(path) == size
+
+
+def test_tokenizer_training_is_deterministic(tmp_path):
+    """The trainer of `tokenizers` numbers pieces in hash-map order; two trainings must still agree."""
+    texts = [line for line in (WIKI + BOOK + BIO).splitlines() if line] * 3
+    words = " ".join(texts).split()
+    texts += [" ".join(words[i::7]) for i in range(7)]  # many equally frequent pairs: ties between merges
+    files = []
+    for i in range(3):
+        train_tokenizer(texts, 300, str(tmp_path / f"t{i}.json"))
+        files.append((tmp_path / f"t{i}.json").read_bytes())
+    assert files[0] == files[1] == files[2]
+    tok = load_tokenizer(str(tmp_path / "t0.json"))
+    assert tok.get_vocab_size() == 300 and "##e" in tok.get_vocab()
+    assert [t.content for t in tok.get_added_tokens_decoder().values()] == SPECIAL_TOKENS  # "##e" is not special
 
 
 def test_masking_ratios_and_80_10_10():

@@ -108,3 +108,82 @@ def test_finetune_reports_a_malformed_user_file(general, tmp_path):
                         "--tasks", f"cls:{tmp_path}"], cwd=ROOT, capture_output=True, text=True)
     assert r.returncode == 1
     assert r.stderr.strip().splitlines()[-1] == f"error: {tmp_path / 'train.tsv'}:2: expected 'sentence<TAB>label'"
+
+
+# ---------------------------------------------------------------------------------- runs that must not lose work
+
+def run_failing(args):
+    """Run a script that must stop with a one-line error; return that line."""
+    import subprocess
+    import sys
+    from conftest import ROOT
+    r = subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert r.returncode != 0, f"{args[0]} should have failed\n{r.stdout[-2000:]}"
+    assert "Traceback" not in r.stderr, r.stderr[-3000:]
+    return r.stderr.strip().splitlines()[-1]
+
+
+def test_rerun_over_a_run_is_refused_and_overwrite_repeats_it_exactly(general, mirror_data):
+    out, _ = general
+    args = ["train_general.py", "--preset", "tiny", "--data", mirror_data, "--out", str(out)]
+    before = {n: load_model(out / n)[0].state_dict() for n in ("general-dense", "general-sparse90")}
+    line = run_failing(args)
+    assert line.startswith(f"error: {out / 'general-dense' / 'ckpt.pt'} exists (an earlier run)") and "--resume" in line
+    line = run_failing(args + ["--resume", "--dense-steps", "40"])
+    assert "is finished, with other settings (--dense-steps 30 -> 40)" in line
+    line = run_failing(args + ["--resume", "ture"])
+    assert "'ture' is not a boolean" in line
+    run_script(args + ["--overwrite"])  # a fresh run with the same seed: the same tokenizer, the same models
+    for name, state in before.items():
+        after = load_model(out / name)[0].state_dict()
+        assert all(torch.equal(state[k], after[k]) for k in state), name
+
+
+def test_bad_options_stop_before_any_work(mirror_data, tmp_path):
+    for extra, message in ((["--final-sparsity", "1.5"], "error: --final-sparsity 1.5: must be in [0, 1)"),
+                           (["--batch-size", "0"], "error: --batch-size 0: must be > 0"),
+                           (["--device", "gpu"], "error: --device 'gpu': use auto, cpu, cuda or cuda:N")):
+        assert run_failing(["train_general.py", "--preset", "tiny", "--data", mirror_data,
+                            "--out", str(tmp_path / "out"), *extra]) == message
+    assert not (tmp_path / "out").exists()  # nothing written, not even the tokenizer
+    (tmp_path / "a_file").write_text("")
+    line = run_failing(["train_general.py", "--preset", "tiny", "--data", mirror_data,
+                        "--out", str(tmp_path / "a_file" / "out")])
+    assert line.startswith(f"error: cannot write to {tmp_path / 'a_file' / 'out'}")
+
+
+def test_train_bio_checks_its_arguments_first(bio, mirror_data, tmp_path):
+    out, _ = bio
+    args = ["train_bio.py", "--preset", "tiny", "--data", mirror_data]
+    line = run_failing(args + ["--init", str(out / "general-dense" / "ckpt.pt")])
+    assert line == (f"error: --init {out / 'general-dense' / 'ckpt.pt'} is a file; give the directory that holds it "
+                    f"({out / 'general-dense'}), written by train_general.py")
+    assert "no ckpt.pt there" in run_failing(args + ["--init", str(tmp_path)])
+    assert "exists (an earlier run)" in run_failing(args + ["--init", str(out / "general-dense")])
+    damaged = tmp_path / "my-model"  # no "general" in the name: the output goes to bio-my-model
+    damaged.mkdir()
+    for name in ("ckpt.pt", "tokenizer.json"):
+        (damaged / name).write_bytes((out / "general-dense" / name).read_bytes())
+    (damaged / "ckpt.pt").write_bytes((damaged / "ckpt.pt").read_bytes()[:5000])
+    line = run_failing(args + ["--init", str(damaged)])
+    assert line.startswith(f"error: {damaged / 'ckpt.pt'} is damaged or not a checkpoint") and "train_general.py" in line
+    assert (tmp_path / "bio-my-model").is_dir()  # checked writable, nothing trained
+
+
+def test_finetune_refuses_empty_splits_and_bad_labels(general, tmp_path):
+    out, _ = general
+    args = ["finetune.py", "--preset", "tiny", "--models", str(out / "general-dense"), "--out", str(tmp_path / "ft")]
+    for split in ("train.tsv", "dev.tsv", "test.tsv"):
+        user = tmp_path / split.split(".")[0]
+        user.mkdir()
+        for name in ("train.tsv", "dev.tsv", "test.tsv"):
+            (user / name).write_text("" if name == split else "good film\tpos\nbad film\tneg\n")
+        line = run_failing(args + ["--tasks", f"cls:{user}"])
+        assert line == f"error: cls:{user.name}: {split.split('.')[0]} split {user / split} has no examples"
+    chemprot = tmp_path / "data" / "re_chemprot"
+    chemprot.mkdir(parents=True)
+    for name in ("train.jsonl", "dev.jsonl", "test.jsonl"):
+        (chemprot / name).write_text('{"text": "a << b >> c", "label": "CPR:3"}\n{"text": "x", "label": 3}\n')
+    line = run_failing(args + ["--tasks", "chemprot", "--data", str(tmp_path / "data")])
+    assert line == (f"error: {chemprot / 'train.jsonl'}:2: expected a JSON object with 'text' and 'label' strings "
+                    f"(3 is not a string)")

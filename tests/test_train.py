@@ -1,4 +1,5 @@
 import os
+import re
 import signal
 
 import numpy as np
@@ -108,3 +109,117 @@ def test_cuda_arguments_without_a_gpu(monkeypatch):
         use_bf16(torch.device("cpu"), "fp16")
     monkeypatch.delenv("RANK", raising=False)
     assert setup_distributed("cpu") == (0, 1, torch.device("cpu"))
+
+
+def test_no_checkpoint_ever_holds_a_non_finite_tensor(tmp_path, monkeypatch):
+    """lr 1000 blows the weights up: every checkpoint written on the way must still be finite, and the
+    error must name one that exists (the issue: a finite loss, then non-finite weights saved)."""
+    import tiny_sparse_bert.train as train_module
+    saved = []
+
+    def recording_save(path, **state):
+        tensors = list(state["model"].values()) + [t for s in state["optimizer"]["state"].values() for t in s.values()]
+        saved.append(all(torch.isfinite(t).all() for t in tensors if t.is_floating_point()))
+        return save(path, **state)
+    save = train_module.save_checkpoint
+    monkeypatch.setattr(train_module, "save_checkpoint", recording_save)
+    model, _, _, batch_fn = setup()
+    with pytest.raises(NonFiniteLoss) as e:
+        train(model, make_optimizer(model, 1e3, 0.01), batch_fn, 50, peak_lr=1e3, warmup_steps=2,
+              ckpt_path=str(tmp_path / "c.pt"), extra_state={}, log_every=7, ckpt_every=1)
+    assert saved and all(saved)
+    assert f"the last good checkpoint is {tmp_path / 'c.pt'}" in str(e.value)
+    assert all(torch.isfinite(t).all() for t in load_checkpoint(tmp_path / "c.pt")["model"].values())
+
+
+def test_finite_loss_with_a_non_finite_gradient_is_never_saved(tmp_path):
+    """The issue's case: the loss of step 5 is finite, its gradient is not, so the weights after
+    step 5 are NaN; the checkpoint at step 6 must not be written, and the error names step 5's."""
+    model, optimizer, _, batch_fn = setup()
+    current = {}
+    model.decoder_bias.register_hook(lambda g: g * float("nan") if current["step"] == 5 else g)
+
+    def tracking(step):
+        current["step"] = step
+        return batch_fn(step)
+    with pytest.raises(NonFiniteLoss, match="at step 5; stopped, the last good checkpoint is"):
+        train(model, optimizer, tracking, 10, peak_lr=1e-3, warmup_steps=2, ckpt_path=str(tmp_path / "c.pt"),
+              extra_state={}, log_every=100, ckpt_every=1)
+    ckpt = load_checkpoint(tmp_path / "c.pt")
+    assert ckpt["step"] == 5 and all(torch.isfinite(t).all() for t in ckpt["model"].values())
+
+
+def test_non_finite_before_any_checkpoint_says_so(tmp_path):
+    model, optimizer, _, batch_fn = setup()
+
+    def poisoned(step):
+        if step == 2:
+            with torch.no_grad():
+                model.decoder_bias.fill_(float("inf"))
+        return batch_fn(step)
+    with pytest.raises(NonFiniteLoss, match="at step 2; stopped, no checkpoint was written"):
+        train(model, optimizer, poisoned, 10, peak_lr=1e-3, warmup_steps=2, ckpt_path=str(tmp_path / "c.pt"),
+              extra_state={}, log_every=100, ckpt_every=4)
+    assert not os.path.exists(tmp_path / "c.pt")
+
+
+def test_full_disk_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
+    import errno
+    from tiny_sparse_bert.train import save_checkpoint
+    path = str(tmp_path / "c.pt")
+    save_checkpoint(path, model={}, model_config={}, step=1)
+
+    def full_disk(obj, f):
+        f.write(b"partial")
+        raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(torch, "save", full_disk)
+    with pytest.raises(SystemExit, match=f"error: could not write {path}: the disk is full; the previous .* is kept"):
+        save_checkpoint(path, model={}, model_config={}, step=2)
+    monkeypatch.undo()
+    assert os.listdir(tmp_path) == ["c.pt"] and load_checkpoint(path)["step"] == 1  # no .tmp left behind
+
+
+@pytest.mark.parametrize("content", [b"", b"PK\x03\x04 truncated zip", bytes(range(256)) * 4, "truncated"])
+def test_damaged_checkpoint_is_a_one_line_error(tmp_path, content):
+    path = tmp_path / "ckpt.pt"
+    if content == "truncated":
+        torch.save({"model": {"w": torch.zeros(1000)}, "model_config": {}}, path)
+        path.write_bytes(path.read_bytes()[:-300])
+    else:
+        path.write_bytes(content)
+    with pytest.raises(SystemExit) as e:
+        load_checkpoint(str(path), "train_bio.py")
+    assert str(e.value).startswith(f"error: {path} is damaged or not a checkpoint") and "train_bio.py" in str(e.value)
+    assert "weights_only" not in str(e.value) and "\n" not in str(e.value)
+    torch.save({"something": 1}, path)  # a readable file that is not one of our checkpoints
+    with pytest.raises(SystemExit, match="not a checkpoint of this project"):
+        load_checkpoint(str(path))
+
+
+def test_options_are_checked_at_start_up():
+    from dataclasses import dataclass
+    from tiny_sparse_bert.train import check_options, parse_config, pick_device
+
+    @dataclass
+    class Config:
+        steps: int = 10
+        final_sparsity: float = 0.9
+        resume: bool = False
+    for argv, message in ((["--final-sparsity", "1.5"], "--final-sparsity 1.5: must be in [0, 1)"),
+                          (["--final-sparsity", "-0.1"], "--final-sparsity -0.1: must be in [0, 1)"),
+                          (["--final-sparsity", "nan"], "--final-sparsity nan: must be in [0, 1)"),
+                          (["--steps", "0"], "--steps 0: must be > 0"), (["--steps", "-4"], "--steps -4: must be > 0")):
+        _, cfg = parse_config(Config, {"default": {}}, "", argv)
+        with pytest.raises(SystemExit, match=re.escape(message)):
+            check_options(cfg, positive=("steps",), below_one=("final_sparsity",))
+    for word, value in (("true", True), ("ON", True), ("1", True), ("yes", True), ("no", False), ("off", False),
+                        ("0", False), ("False", False)):
+        assert parse_config(Config, {"default": {}}, "", ["--resume", word])[1].resume is value
+    assert parse_config(Config, {"default": {}}, "", ["--resume"])[1].resume is True
+    for typo in ("ture", "y", "2", ""):
+        with pytest.raises(SystemExit) as e:
+            parse_config(Config, {"default": {}}, "", ["--resume", typo])
+        assert e.value.code == 2  # argparse's usage error, nothing started
+    for name in ("gpu", "cuda0", "tpu"):
+        with pytest.raises(SystemExit, match="use auto, cpu, cuda or cuda:N"):
+            pick_device(name)

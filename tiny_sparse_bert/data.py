@@ -9,12 +9,13 @@
   (BERT 3.1: 15% of tokens; 80% -> [MASK], 10% -> random token, 10% unchanged).
 
     files = corpus_files("data", "general")
-    tok = train_tokenizer(documents(files), vocab_size=8192, path="out/tokenizer.json")
+    tok = train_tokenizer(list(documents(files)), vocab_size=8192, path="out/tokenizer.json")
     train, val = tokenize_corpus("general", files, tok, "data/cache")
 """
 import glob
 import hashlib
 import html
+import json
 import os
 
 import numpy as np
@@ -32,15 +33,32 @@ GUTENBERG_DOC_LINES = 100  # a book is cut into documents of this many sentences
 
 # ---------------------------------------------------------------------------------- tokenizer
 
-def train_tokenizer(documents, vocab_size, path):
-    """Train a lower-casing BERT WordPiece tokenizer on an iterable of strings and save it."""
-    tok = Tokenizer(models.WordPiece(unk_token="[UNK]", max_input_chars_per_word=100))
+def train_tokenizer(texts, vocab_size, path):
+    """Train a lower-casing BERT WordPiece tokenizer on a list of strings and save it.
+
+    Trained twice, so that two trainings on the same texts give the same file. The trainer of
+    `tokenizers` numbers the continuation pieces of single characters ("##a") in hash-map order,
+    which changes from run to run, and it breaks ties between equally frequent merges by those
+    numbers (huggingface/tokenizers#1794): the vocabulary itself would differ at the margin. The
+    first pass only collects those pieces; the second starts from them in sorted order.
+    """
+    def trained(fixed_pieces):
+        tok = Tokenizer(models.WordPiece(unk_token="[UNK]", max_input_chars_per_word=100))
+        tok.normalizer = normalizers.BertNormalizer(lowercase=True)
+        tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+        trainer = trainers.WordPieceTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS + fixed_pieces,
+                                            min_frequency=2, show_progress=False)
+        tok.train_from_iterator(texts, trainer)
+        return tok
+
+    continuation_chars = sorted(p for p in trained([]).get_vocab() if p.startswith("##") and len(p) == 3)
+    vocab = trained(continuation_chars).get_vocab()
+    # the fixed pieces were passed as special tokens only to fix their ids: rebuild with the plain vocabulary
+    tok = Tokenizer(models.WordPiece(vocab, unk_token="[UNK]", max_input_chars_per_word=100))
     tok.normalizer = normalizers.BertNormalizer(lowercase=True)
     tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
     tok.decoder = decoders.WordPiece()
-    trainer = trainers.WordPieceTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS,
-                                        min_frequency=2, show_progress=False)
-    tok.train_from_iterator(documents, trainer)
+    tok.add_special_tokens(SPECIAL_TOKENS)
     tok.post_processor = processors.TemplateProcessing(
         single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1",
         special_tokens=[("[CLS]", CLS_ID), ("[SEP]", SEP_ID)])
@@ -134,12 +152,22 @@ def documents(files, max_docs=None):
 
 # ---------------------------------------------------------------------------------- token cache
 
+def file_sha256(path):
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
 def tokenize_corpus(name, files, tokenizer, cache_dir, max_docs=None, val_every=50):
     """Tokenize a corpus into flat uint16/uint32 arrays (train, val), cached and memory-mapped.
 
     Documents are joined with [SEP] (RoBERTa's FULL-SENTENCES packing); every `val_every`-th
     document goes to the validation split, so no document is in both. The cache key covers the
     tokenizer, the files (path, size, mtime) and these settings: change any and it is rebuilt.
+    A manifest written last records each array's size and sha256; a cache that does not match
+    it (truncated, emptied, overwritten) is reported and rebuilt.
     """
     key = hashlib.sha256(tokenizer.to_str().encode())
     for _, path in files:
@@ -147,8 +175,15 @@ def tokenize_corpus(name, files, tokenizer, cache_dir, max_docs=None, val_every=
         key.update(f"{os.path.abspath(path)}|{st.st_size}|{st.st_mtime_ns}".encode())
     key.update(f"{max_docs}|{val_every}".encode())
     stem = os.path.join(cache_dir, f"{name}-{key.hexdigest()[:16]}")
-    if os.path.exists(stem + ".val.npy"):  # written last, so its presence means the cache is complete
-        return np.load(stem + ".train.npy", mmap_mode="r"), np.load(stem + ".val.npy", mmap_mode="r")
+    paths = {split: f"{stem}.{split}.npy" for split in ("train", "val")}
+    if os.path.exists(stem + ".json"):  # the manifest is written last: the cache was complete
+        with open(stem + ".json") as f:
+            manifest = json.load(f)
+        damaged = [p for split, p in paths.items() if not os.path.exists(p) or
+                   os.path.getsize(p) != manifest[split]["bytes"] or file_sha256(p) != manifest[split]["sha256"]]
+        if not damaged:
+            return tuple(np.load(p, mmap_mode="r") for p in paths.values())
+        print(f"token cache {damaged[0]} does not match its manifest (damaged?); rebuilding it")
 
     dtype = np.uint16 if tokenizer.get_vocab_size() <= 2**16 else np.uint32
     splits = {"train": [], "val": []}
@@ -167,12 +202,17 @@ def tokenize_corpus(name, files, tokenizer, cache_dir, max_docs=None, val_every=
             flush()
     flush()
     os.makedirs(cache_dir, exist_ok=True)
-    for split in ("train", "val"):  # atomic: write to a temporary name, then rename
+    manifest = {}
+    for split, path in paths.items():  # atomic: write to a temporary name, then rename
         arr = np.concatenate(splits[split]) if splits[split] else np.zeros(0, dtype)
         with open(stem + f".{split}.tmp.npy", "wb") as f:
             np.save(f, arr)
-        os.replace(stem + f".{split}.tmp.npy", stem + f".{split}.npy")
-    return np.load(stem + ".train.npy", mmap_mode="r"), np.load(stem + ".val.npy", mmap_mode="r")
+        os.replace(stem + f".{split}.tmp.npy", path)
+        manifest[split] = {"bytes": os.path.getsize(path), "sha256": file_sha256(path)}
+    with open(stem + ".json.tmp", "w") as f:
+        json.dump(manifest, f)
+    os.replace(stem + ".json.tmp", stem + ".json")
+    return tuple(np.load(p, mmap_mode="r") for p in paths.values())
 
 
 def unigram_entropy(tokens):

@@ -79,14 +79,23 @@ def read_json_lines(path, example, expected):
                 continue
             try:
                 examples.append(example(json.loads(line)))
-            except (json.JSONDecodeError, KeyError, TypeError):
-                raise ValueError(f"{path}:{n}: expected a JSON object with {expected}") from None
+            except (json.JSONDecodeError, KeyError, TypeError) as e:
+                why = f" ({e})" if isinstance(e, TypeError) else ""
+                raise ValueError(f"{path}:{n}: expected a JSON object with {expected}{why}") from None
     return examples
+
+
+def text(value):
+    """A JSON field that must be a string (a label 3 or a null text is a malformed line, not a crash later)."""
+    if not isinstance(value, str):
+        raise TypeError(f"{value!r} is not a string")
+    return value
 
 
 def read_chemprot(path):
     """ChemProt JSON lines {"text", "label"}; the << >> and [[ ]] entity markers stay in the text."""
-    return read_json_lines(path, lambda row: (row["text"], None, row["label"]), "'text' and 'label'")
+    return read_json_lines(path, lambda row: (text(row["text"]), None, text(row["label"])),
+                           "'text' and 'label' strings")
 
 
 def read_nicta(path):
@@ -106,8 +115,9 @@ def read_nicta(path):
 
 def read_pubmedqa(path):
     """PubMedQA JSON lines: (question, contexts joined) -> yes/no/maybe (reasoning-required setting)."""
-    return read_json_lines(path, lambda row: (row["question"], " ".join(row["contexts"]), row["final_decision"]),
-                           "question, contexts, final_decision")
+    return read_json_lines(path, lambda row: (text(row["question"]), " ".join(map(text, row["contexts"])),
+                                              text(row["final_decision"])),
+                           "question, contexts, final_decision strings")
 
 
 @dataclass
@@ -165,9 +175,13 @@ def load_splits(task, data_dir, seed=0, dev_fraction=0.1):
             raise SystemExit(f"error: {task.name}: missing {split} split {path}"
                              + ("" if ":" in task.name else " (run python data/prepare.py)"))
         splits[split] = task.reader(path)
+        if not splits[split]:  # an empty test set would score 0 as if it were a result; an empty dev selects nothing
+            raise SystemExit(f"error: {task.name}: {split} split {path} has no examples")
     if "dev" not in splits:  # HoC has no dev split
         order = np.random.default_rng(seed).permutation(len(splits["train"]))
         n_dev = int(len(order) * dev_fraction)
+        if n_dev == 0:
+            raise SystemExit(f"error: {task.name}: {len(order)} training examples are too few to carve a dev split")
         splits["dev"] = [splits["train"][i] for i in order[:n_dev]]
         splits["train"] = [splits["train"][i] for i in order[n_dev:]]
     return splits

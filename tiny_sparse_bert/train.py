@@ -13,9 +13,11 @@ the step, so the data position is the step. Ctrl-C saves a checkpoint and exits;
 and leaves the last good checkpoint in place.
 """
 import argparse
+import errno
 import json
 import os
 import signal
+import tempfile
 import time
 from contextlib import nullcontext
 from dataclasses import asdict, fields, replace
@@ -33,9 +35,12 @@ from .model import IGNORE_INDEX
 # ---------------------------------------------------------------------------------- devices
 
 def pick_device(name="auto"):
+    """torch.device of --device: auto (CUDA if visible, else CPU), cpu, cuda or cuda:N."""
+    if name != "auto" and name != "cpu" and not (name == "cuda" or name.startswith("cuda:") and name[5:].isdigit()):
+        raise SystemExit(f"error: --device {name!r}: use auto, cpu, cuda or cuda:N")
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name == "cuda":
+    if name.startswith("cuda"):
         if not torch.cuda.is_available():
             raise SystemExit("error: --device cuda but no CUDA GPU is visible; use --device cpu")
         torch.backends.cuda.matmul.allow_tf32 = True  # TF32 matmuls on Ampere and newer
@@ -186,25 +191,93 @@ def evaluate_mlm(model, blocks, unigram_logp, n_batches=20, mlm_prob=EVAL_MLM_PR
 # ---------------------------------------------------------------------------------- checkpoints
 
 def save_checkpoint(path, **state):
-    """torch.save to a temporary file, then rename: a crash never leaves a half-written checkpoint."""
+    """torch.save to a temporary file, then rename: a crash never leaves a half-written checkpoint.
+
+    A failed write (a full disk, say) removes the temporary file and stops with a one-line error;
+    the previous checkpoint, if any, stays as it was.
+    """
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     tmp = path + ".tmp"
-    torch.save(state, tmp)
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:  # a file object, so a full disk is an OSError (ENOSPC)
+            torch.save(state, f)
+        os.replace(tmp, path)
+    except OSError as e:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        kept = f"; the previous {path} is kept" if os.path.exists(path) else ""
+        reason = "the disk is full" if e.errno == errno.ENOSPC else (e.strerror or str(e))
+        raise SystemExit(f"error: could not write {path}: {reason}{kept}") from None
 
 
-def load_checkpoint(path):
+def load_checkpoint(path, written_by="train_general.py or train_bio.py"):
+    """The dict of a checkpoint file; a missing or damaged file is a one-line error naming its writer."""
     if not os.path.exists(path):
         raise SystemExit(f"error: no checkpoint at {path} (run the previous script first, or check the path)")
-    return torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # truncated zip, random bytes, an empty file: torch raises several kinds
+        raise SystemExit(f"error: {path} is damaged or not a checkpoint ({type(e).__name__}); "
+                         f"it is written by {written_by}: run that again") from None
+    if not isinstance(ckpt, dict) or "model" not in ckpt:
+        raise SystemExit(f"error: {path} is not a checkpoint of this project (it holds no model); "
+                         f"it is written by {written_by}")
+    return ckpt
 
 
-def resume(path, model, optimizer, pruner=None):
+def all_finite(tensors):
+    """True when every floating-point tensor in the list is free of NaN and infinity (one sync)."""
+    floats = [t for t in tensors if torch.is_tensor(t) and t.is_floating_point()]
+    return not floats or bool(torch.stack([torch.isfinite(t).all() for t in floats]).all())
+
+
+def check_resume_config(path, config, ignore, steps_field):
+    """Compare the settings stored in checkpoint `path` with `config` before resuming it.
+
+    Bookkeeping (`ignore`) may change freely. A finished phase must not change at all: the models
+    built on it (the next phase, the biomedical runs) would be stale, and the checkpoint's config
+    would describe a model it does not hold; that is refused. An unfinished phase may go on with
+    new settings (a lower --lr after a NaN, say): the changes are printed, and saved from then on.
+    """
+    ckpt = load_checkpoint(path)
+    stored = ckpt.get("run_config", {})
+    changed = {k: (stored.get(k), v) for k, v in asdict(config).items() if k not in ignore and stored.get(k) != v}
+    if not changed:
+        return
+    what = ", ".join(f"--{k.replace('_', '-')} {a} -> {b}" for k, (a, b) in changed.items())
+    if ckpt["step"] >= stored.get(steps_field, 0):
+        raise SystemExit(f"error: {path} is finished, with other settings ({what}); resume with the stored "
+                         f"settings, or start over with --overwrite")
+    print(f"note: resuming {path} at step {ckpt['step']} with changed settings: {what}")
+
+
+def check_run_dir(directory, option, written_by):
+    """A directory written by a training script (ckpt.pt and tokenizer.json), or a one-line error."""
+    if os.path.isfile(directory):
+        raise SystemExit(f"error: {option} {directory} is a file; give the directory that holds it "
+                         f"({os.path.dirname(directory) or '.'}), written by {written_by}")
+    for name in ("ckpt.pt", "tokenizer.json"):
+        if not os.path.exists(os.path.join(directory, name)):
+            raise SystemExit(f"error: {option} {directory}: no {name} there; such a directory is written by "
+                             f"{written_by} (run it first, or check the path)")
+
+
+def check_writable(directory):
+    """Fail now, not after an hour of training, if results cannot be written to `directory`."""
+    try:
+        os.makedirs(directory, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=directory):
+            pass
+    except OSError as e:
+        raise SystemExit(f"error: cannot write to {directory}: {e.strerror or e} (choose another --out)") from None
+
+
+def resume(path, model, optimizer, pruner=None, written_by="train_general.py or train_bio.py"):
     """Load a checkpoint written by `train` into model, optimizer, pruner and the RNGs; return its step.
 
     A checkpoint of another model config is refused with a one-line error.
     """
-    ckpt = load_checkpoint(path)
+    ckpt = load_checkpoint(path, written_by)
     ours = asdict(model.config)
     if ckpt["model_config"] != ours:
         diff = {k: (ckpt["model_config"].get(k), v) for k, v in ours.items() if ckpt["model_config"].get(k) != v}
@@ -223,7 +296,7 @@ def resume(path, model, optimizer, pruner=None):
 # ---------------------------------------------------------------------------------- the loop
 
 class NonFiniteLoss(SystemExit):
-    """Raised when the loss is NaN or infinite: the script stops with this one-line message."""
+    """Raised when the loss or the gradient norm is NaN or infinite: the script stops with this one-line message."""
 
 
 def train(model, optimizer, batch_fn, steps, *, peak_lr, warmup_steps, ckpt_path, extra_state,
@@ -237,20 +310,41 @@ def train(model, optimizer, batch_fn, steps, *, peak_lr, warmup_steps, ckpt_path
     at the masked positions (Hinton et al. 2015; Sanh et al. 2019). `ddp_model` is the
     DistributedDataParallel wrapper of `model` when running under torchrun. `compile` runs the
     forward and backward through torch.compile (dynamic shapes: the number of masked positions varies).
+
+    The loss is summed on the device and read only when a line is logged, a checkpoint saved or an
+    evaluation run, so a GPU is never made to wait for the CPU each step. A non-finite loss or
+    gradient norm is recorded on the device too (`first_bad`) and stops the run at the next of
+    those points, before anything is saved: no checkpoint ever holds a non-finite tensor.
     """
     device = device or next(model.parameters()).device
     forward = ddp_model or model
     if compile:
         forward = torch.compile(forward, dynamic=True)
     model.train()
+    # a checkpoint on disk is "good" once this run wrote it, or when the run resumed from it
+    last_good = ckpt_path if ckpt_path and start_step > 0 and os.path.exists(ckpt_path) else None
+
+    def stop(what, step):
+        where = (f"the last good checkpoint is {last_good} (--resume continues from it)" if last_good
+                 else "no checkpoint was written" if ckpt_path else "nothing was saved")
+        raise NonFiniteLoss(f"error: {what} at step {step}; stopped, {where}; try a lower --lr or more --warmup")
+
+    def check_finite():  # one host sync: the first step with a non-finite loss or gradient norm, if any
+        bad_step = int(first_bad)
+        if bad_step >= 0:
+            stop("loss or gradient norm is not finite", bad_step)
 
     def checkpoint(step):  # `step` = the number of completed steps; ckpt_path None = no checkpoints
+        nonlocal last_good
         if is_main and ckpt_path:
-            save_checkpoint(ckpt_path, model=model.state_dict(), optimizer=optimizer.state_dict(),
-                            pruner=pruner.state_dict() if pruner else None, step=step,
-                            rng=torch.get_rng_state(),
-                            cuda_rng=torch.cuda.get_rng_state() if device.type == "cuda" else None,
-                            **extra_state)
+            state = dict(model=model.state_dict(), optimizer=optimizer.state_dict(),
+                         pruner=pruner.state_dict() if pruner else None, step=step, rng=torch.get_rng_state(),
+                         cuda_rng=torch.cuda.get_rng_state() if device.type == "cuda" else None, **extra_state)
+            moments = [t for s in state["optimizer"]["state"].values() for t in s.values()]
+            if not all_finite(list(state["model"].values()) + moments):
+                stop("weights or optimizer state are not finite", step)
+            save_checkpoint(ckpt_path, **state)
+            last_good = ckpt_path
 
     # Ctrl-C sets a flag; the step in flight completes, then a checkpoint is saved (a second Ctrl-C kills)
     interrupted = []
@@ -261,7 +355,9 @@ def train(model, optimizer, batch_fn, steps, *, peak_lr, warmup_steps, ckpt_path
 
     bar = tqdm(range(start_step, steps), initial=start_step, total=steps, disable=not is_main,
                leave=False, dynamic_ncols=True, mininterval=2.0)
-    t0, history = time.time(), []
+    loss_sum = torch.zeros((), device=device)          # sum of the losses since the last log line
+    first_bad = torch.full((), -1, device=device)      # first step with a non-finite loss or gradient norm
+    t0, n_summed = time.time(), 0
     try:
         for step in bar:
             if pruner:
@@ -281,9 +377,6 @@ def train(model, optimizer, batch_fn, steps, *, peak_lr, warmup_steps, ckpt_path
                     kl = F.kl_div(F.log_softmax(logits.float() / T, -1), F.log_softmax(teacher_logits.float() / T, -1),
                                   log_target=True, reduction="batchmean") * T * T
                     loss = (1 - distill_alpha) * loss + distill_alpha * kl
-            if not torch.isfinite(loss):
-                raise NonFiniteLoss(f"error: loss is {loss.item()} at step {step}; stopped, the last good checkpoint "
-                                    f"is {ckpt_path} (try a lower --lr or more --warmup)")
             if ddp_model is not None:
                 # weight each rank by its share of the labelled positions: DDP's average of the ranks'
                 # gradients is then the gradient of the mean over the whole global batch
@@ -293,23 +386,33 @@ def train(model, optimizer, batch_fn, steps, *, peak_lr, warmup_steps, ckpt_path
                 (loss * n * dist.get_world_size() / total).backward()
             else:
                 loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), clip_norm)
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip_norm)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             if pruner:
                 pruner.apply()
-            history.append(loss.item())
+            loss = loss.detach().float()
+            loss_sum += loss
+            first_bad = torch.where((first_bad < 0) & ~(torch.isfinite(loss) & torch.isfinite(grad_norm)),
+                                    step, first_bad)
+            n_summed += 1
             done = step + 1
-            if is_main and (done % log_every == 0 or done == steps):
-                ms = (time.time() - t0) * 1000 / len(history)
-                line = f"step {done}/{steps} | loss {sum(history) / len(history):.3f}"
+            log_now = done % log_every == 0 or done == steps
+            eval_now = eval_fn and eval_every and done % eval_every == 0 and done != steps
+            ckpt_now = (ckpt_every and done % ckpt_every == 0) or interrupted
+            if log_now or eval_now or ckpt_now:
+                check_finite()
+            if is_main and log_now:
+                ms = (time.time() - t0) * 1000 / n_summed
+                line = f"step {done}/{steps} | loss {loss_sum.item() / n_summed:.3f}"
                 if pruner and not pruner.frozen:
                     line += f" | sparsity {pruner.sparsity():.1%} (target {pruner.current_target:.1%})"
                 bar.write(line + f" | lr {lr:.1e} | {ms:.0f} ms/step")
-                t0, history = time.time(), []
-            if eval_fn and eval_every and done % eval_every == 0 and done != steps and is_main:
+                t0, n_summed = time.time(), 0
+                loss_sum.zero_()
+            if eval_now and is_main:
                 bar.write(f"  eval @ {done}: " + eval_fn())
-            if (ckpt_every and done % ckpt_every == 0) or interrupted:
+            if ckpt_now:
                 checkpoint(done)
             if interrupted:
                 if is_main:
@@ -319,10 +422,22 @@ def train(model, optimizer, batch_fn, steps, *, peak_lr, warmup_steps, ckpt_path
     finally:
         signal.signal(signal.SIGINT, previous_handler)
         bar.close()
+    check_finite()
     checkpoint(steps)
 
 
 # ---------------------------------------------------------------------------------- script config
+
+def parse_bool(text):
+    """A boolean option: true/false, yes/no, on/off, 1/0. Anything else is refused: a typo such as
+    `--resume ture` must not quietly mean false (and restart over the run it meant to continue)."""
+    value = text.lower()
+    if value in ("1", "true", "yes", "on"):
+        return True
+    if value in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"{text!r} is not a boolean: use true/false, yes/no, on/off or 1/0")
+
 
 def parse_config(config_cls, presets, description, argv=None):
     """A script's config: the dataclass defaults, then a named preset, then command-line overrides.
@@ -335,15 +450,29 @@ def parse_config(config_cls, presets, description, argv=None):
                         help="named sizes: " + "; ".join(f"{k}: {v}" for k, v in presets.items() if v))
     for f in fields(config_cls):
         kind = type(getattr(defaults, f.name))
-        parse = (lambda s: s.lower() in ("1", "true", "yes", "on")) if kind is bool else kind
         extra = dict(nargs="?", const=True) if kind is bool else {}  # `--resume` alone means true
-        parser.add_argument("--" + f.name.replace("_", "-"), type=parse, default=None, metavar=kind.__name__.upper(),
-                            help=f"default {getattr(defaults, f.name)!r}", **extra)
+        parser.add_argument("--" + f.name.replace("_", "-"), type=parse_bool if kind is bool else kind, default=None,
+                            metavar=kind.__name__.upper(), help=f"default {getattr(defaults, f.name)!r}", **extra)
     args = parser.parse_args(argv)
     config = replace(defaults, **presets[args.preset])
     overrides = {f.name: getattr(args, f.name) for f in fields(config_cls) if getattr(args, f.name) is not None}
     config = replace(config, **overrides)
     return args.preset, config
+
+
+def check_options(config, positive=(), non_negative=(), fraction=(), below_one=()):
+    """One-line errors for options out of range, checked at start-up, before any work is done.
+
+    positive: > 0 (sizes, steps, learning rates); non_negative: >= 0; fraction: in [0, 1];
+    below_one: in [0, 1) (sparsities, dropout: 1 would remove everything).
+    """
+    rules = [(positive, lambda v: v > 0, "> 0"), (non_negative, lambda v: v >= 0, ">= 0"),
+             (fraction, lambda v: 0 <= v <= 1, "in [0, 1]"), (below_one, lambda v: 0 <= v < 1, "in [0, 1)")]
+    for names, ok, what in rules:
+        for name in names:
+            value = getattr(config, name)
+            if not ok(value):  # written as `not ok`, so that NaN is refused too
+                raise SystemExit(f"error: --{name.replace('_', '-')} {value}: must be {what}")
 
 
 def save_run_files(directory, tokenizer, config):
