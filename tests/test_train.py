@@ -163,7 +163,8 @@ def test_non_finite_before_any_checkpoint_says_so(tmp_path):
     assert not os.path.exists(tmp_path / "c.pt")
 
 
-def test_full_disk_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
+@pytest.mark.parametrize("closing_error", [False, True])
+def test_full_disk_keeps_the_previous_checkpoint(tmp_path, monkeypatch, closing_error):
     import errno
     from tiny_sparse_bert.train import save_checkpoint
     path = str(tmp_path / "c.pt")
@@ -171,7 +172,11 @@ def test_full_disk_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
 
     def full_disk(obj, f):
         f.write(b"partial")
-        raise OSError(errno.ENOSPC, "No space left on device")
+        try:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        finally:
+            if closing_error:  # what torch's zip writer does on a real full disk
+                raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 955392 vs 955280")
     monkeypatch.setattr(torch, "save", full_disk)
     with pytest.raises(SystemExit, match=f"error: could not write {path}: the disk is full; the previous .* is kept"):
         save_checkpoint(path, model={}, model_config={}, step=2)

@@ -202,11 +202,15 @@ def save_checkpoint(path, **state):
         with open(tmp, "wb") as f:  # a file object, so a full disk is an OSError (ENOSPC)
             torch.save(state, f)
         os.replace(tmp, path)
-    except OSError as e:
+    except (OSError, RuntimeError) as e:
+        # torch's zip writer meets a full disk as an OSError, then raises a RuntimeError while closing
+        error = e if isinstance(e, OSError) else e.__context__
+        if not isinstance(error, OSError):
+            raise
         if os.path.exists(tmp):
             os.remove(tmp)
         kept = f"; the previous {path} is kept" if os.path.exists(path) else ""
-        reason = "the disk is full" if e.errno == errno.ENOSPC else (e.strerror or str(e))
+        reason = "the disk is full" if error.errno == errno.ENOSPC else (error.strerror or str(error))
         raise SystemExit(f"error: could not write {path}: {reason}{kept}") from None
 
 
