@@ -2,16 +2,25 @@
 
 Sparse*BERT's claim (Campos et al. 2022, table 2): fine-tuned with the pruning mask held fixed,
 the 90%-sparse model transferred to the biomedical domain matches its dense counterpart. Each
-checkpoint is fine-tuned on each task (model selection on dev, final numbers on test); a randomly
-initialised model of the same size shows what pretraining is worth.
+checkpoint is fine-tuned on each task; a randomly initialised model of the same size shows what
+pretraining is worth. Comparisons are fair by construction:
+
+- every model gets the same recipe search: `--epochs` and `--lr` take comma-separated grids, and
+  each (model, task) keeps the recipe with the best mean dev score over its seeds (never test);
+- a result is the mean and spread of the test scores of `--seeds` runs at that recipe;
+- sparse-transfer distillation (`--distill-hardness`, Neural Magic's sparse-transfer recipes):
+  each sparse model learns from its dense counterpart (bio-sparse90 from bio-dense), fine-tuned
+  first in the same run, at its own dev-selected recipe, with the same seed.
 
     python finetune.py                                   # the README's four models + random init
-    python finetune.py --models out/bio-sparse90 --tasks ncbi_disease,hoc --seeds 3
+    python finetune.py --epochs 2,6 --lr 2e-4,6e-4 --seeds 3 --tasks ncbi_disease
+    python finetune.py --distill-hardness 1.0            # sparse models learn from their dense teachers
     python finetune.py --tasks ner:my_data/,cls:other/   # your own data in our formats
     python finetune.py --prune-during-finetune 0.9       # ablation: GMP during fine-tuning only
     python finetune.py --preset tiny                     # seconds, for tests
 
-Writes results.md and results.json to --out. Run it cell by cell (`# %%`) or top to bottom.
+Writes results.md and results.json (every run: recipe, seed, dev curve, dev and test scores) to
+--out. Run it cell by cell (`# %%`) or top to bottom.
 """
 # %% 1) config
 import copy
@@ -42,10 +51,12 @@ class Config:
     tasks: str = "ncbi_disease,bc5cdr_chem,chemprot,hoc"  # names, ner:DIR or cls:DIR (comma-separated)
     data: str = "data"
     out: str = "out/finetune"
-    seeds: int = 1                 # runs per (model, task); the table shows mean and std
-    epochs: float = 2.0
+    seeds: int = 1                 # runs per (model, task, recipe); the table shows mean and std
+    epochs: str = "2"              # a number, or a comma-separated grid searched on dev (e.g. 2,6)
+    lr: str = "2e-4"               # a number, or a comma-separated grid searched on dev
+    distill_hardness: float = 0.0  # sparse models: weight of the soft loss from the dense teacher (1 = soft only)
+    distill_temperature: float = 2.0
     batch_size: int = 32
-    lr: float = 2e-4
     warmup: float = 0.1
     weight_decay: float = 0.01
     dropout: float = 0.1           # BERT's fine-tuning dropout
@@ -60,14 +71,28 @@ class Config:
 
 PRESETS = {
     "default": {},
-    "tiny": dict(epochs=1.0, batch_size=8, max_train=64, max_eval=32, max_len=64),
-    "gpu": dict(max_train=0, max_eval=0, epochs=3.0),
+    "tiny": dict(epochs="1", batch_size=8, max_train=64, max_eval=32, max_len=64),
+    "gpu": dict(max_train=0, max_eval=0, epochs="3"),
 }
 
 preset, cfg = parse_config(Config, PRESETS, __doc__.splitlines()[0])
-check_options(cfg, positive=("seeds", "epochs", "batch_size", "lr", "max_len"),
-              non_negative=("max_train", "max_eval", "weight_decay"), fraction=("warmup",),
+check_options(cfg, positive=("seeds", "batch_size", "max_len", "distill_temperature"),
+              non_negative=("max_train", "max_eval", "weight_decay"), fraction=("warmup", "distill_hardness"),
               below_one=("dropout", "prune_during_finetune"))
+
+
+def grid(option, text):
+    """`--epochs 2,6` -> [2.0, 6.0]; every value must be a positive number."""
+    try:
+        values = [float(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        values = []
+    if not values or not all(v > 0 for v in values):
+        raise SystemExit(f"error: --{option} {text!r}: give a positive number or a comma-separated list of them")
+    return values
+
+
+recipes = [(epochs, lr) for epochs in grid("epochs", cfg.epochs) for lr in grid("lr", cfg.lr)]
 model_dirs = [m for m in cfg.models.split(",") if m]
 for directory in model_dirs:  # arguments first, before any data is read
     check_run_dir(directory, "--models", "train_general.py or train_bio.py")
@@ -156,95 +181,151 @@ def evaluate(model, task, items, n_labels, threshold=None):
     return f1_scores([it["y"] for it in items], [int(p) for p in preds], n_labels)
 
 
-# %% 4) fine-tune every model on every task (mask frozen for sparse models)
-results = {}  # model name -> task name -> list of test scores (one per seed)
-info = {}
-for name, mlm, sparse, tokenizer in encoders:
+# %% 4) fine-tune every model on every task: the same recipe grid and seeds for all, mask frozen for sparse ones
+def dense_counterpart(name):  # bio-sparse90 -> bio-dense, general-sparse90 -> general-dense
+    return f"{name.split('-sparse')[0]}-dense" if "-sparse" in name else None
+
+
+def finetune_run(task, mlm, sparse, encoded, n_labels, epochs, lr, seed, teacher=None):
+    """Fine-tune one model once; return its dev-selected weights and scores (dev after every epoch)."""
+    steps_per_epoch = max(1, len(encoded["train"]) // cfg.batch_size)
+    steps = max(1, round(epochs * steps_per_epoch))
+    torch.manual_seed(seed)
+    model = head_model(task, mlm, n_labels)
+    if sparse:
+        pruner = MagnitudePruner.from_sparse_model(model)  # the pretrained zeros stay zero
+    elif cfg.prune_during_finetune > 0:
+        pruner = MagnitudePruner(model, cfg.prune_during_finetune, 0, int(0.7 * steps), max(1, steps // 50))
+    else:
+        pruner = None
+    rng = np.random.default_rng(seed)
+    orders = {}
+
+    def batch_fn(step):
+        epoch, i = divmod(step, steps_per_epoch)
+        if epoch not in orders:
+            orders[epoch] = rng.permutation(len(encoded["train"]))
+        idx = orders[epoch][i * cfg.batch_size:(i + 1) * cfg.batch_size][rank::world]  # this rank's rows
+        return collate([encoded["train"][j] for j in idx], task.kind)
+
+    best = {"dev": -1.0, "state": None, "threshold": None, "dev_curve": []}
+
+    def select_on_dev():  # keep the weights (and multi-label threshold) of the best dev score
+        dev = evaluate(model, task, encoded["dev"], n_labels)
+        best["dev_curve"].append(round(dev[task.metric], 4))
+        if dev[task.metric] > best["dev"]:
+            best.update(dev=dev[task.metric], state=copy.deepcopy(model.state_dict()), threshold=dev.get("threshold"))
+        return f"dev {task.metric} {dev[task.metric]:.4f}"
+
+    train(model, make_optimizer(model, lr, cfg.weight_decay), batch_fn, steps, peak_lr=lr,
+          warmup_steps=int(cfg.warmup * steps), ckpt_path=None, extra_state={}, pruner=pruner,
+          teacher=teacher, distill_alpha=cfg.distill_hardness, distill_temperature=cfg.distill_temperature,
+          distill_kind=task.kind, eval_fn=select_on_dev, eval_every=steps_per_epoch, log_every=max(1, steps // 4),
+          device=device, ddp_model=wrap_ddp(model, device, world), is_main=rank == 0, compile=cfg.compile, bf16=bf16)
+    select_on_dev()
+    model.load_state_dict(best["state"])
+    if sparse:  # exactly the pretrained zeros, no more, no fewer
+        assert all(torch.equal(w != 0, pruner.masks[n]) for n, w in pruner.params.items()), "mask changed"
+    test = evaluate(model, task, encoded["test"], n_labels, best["threshold"])
+    run = {"epochs": epochs, "lr": lr, "seed": seed, "teacher": teacher is not None, "dev": best["dev"],
+           "dev_curve": best["dev_curve"], "test": test[task.metric], "test_metrics": test}
+    if pruner and not pruner.frozen:
+        run["pruned_in_finetune"] = pruner.sparsity()
+    return run, best["state"]
+
+
+def as_teacher(task, mlm, n_labels, state):
+    """A frozen copy of a fine-tuned dense model, in eval mode (no dropout in its soft targets)."""
+    teacher = head_model(task, mlm, n_labels)
+    teacher.load_state_dict(state)
+    return teacher.eval().requires_grad_(False)
+
+
+results = {}   # model name -> task name -> {"recipe": (epochs, lr), "runs": [every run, every recipe]}
+info, kept_states = {}, {}  # kept_states[(dense model, task)] = its fine-tuned weights per seed (the teachers)
+encodings = {}  # encoded once per tokenizer and task (the checkpoints of one run share a tokenizer)
+names_in_run = [name for name, *_ in encoders]
+for name, mlm, sparse, tokenizer in sorted(encoders, key=lambda e: e[2]):  # dense first: they teach
     weights = prunable_parameters(mlm).values()
     nonzero = sum(int((w != 0).sum()) for w in weights)
     info[name] = {"sparse": sparse, "sparsity": 1 - nonzero / sum(w.numel() for w in weights), "nonzero": nonzero}
     results[name] = {}
+    is_teacher = cfg.distill_hardness > 0 and name in map(dense_counterpart, names_in_run)
+    teacher_name = dense_counterpart(name) if cfg.distill_hardness > 0 and sparse else None
+    if teacher_name and teacher_name not in names_in_run:
+        print(f"note: {name} is fine-tuned without distillation: its teacher {teacher_name} is not in --models")
+        teacher_name = None
+    info[name]["teacher"] = teacher_name
     for task in tasks:
         n_labels = len(labels[task.name])
-        encoded = {s: encode(task, ex, tokenizer, labels[task.name], cfg.max_len) for s, ex in splits[task.name].items()}
-        steps_per_epoch = max(1, len(encoded["train"]) // cfg.batch_size)
-        steps = max(1, round(cfg.epochs * steps_per_epoch))
-        scores = []
-        for seed in range(cfg.seeds):
-            torch.manual_seed(seed)
-            model = head_model(task, mlm, n_labels)
-            if sparse:
-                pruner = MagnitudePruner.from_sparse_model(model)  # the pretrained zeros stay zero
-            elif cfg.prune_during_finetune > 0:
-                pruner = MagnitudePruner(model, cfg.prune_during_finetune, 0, int(0.7 * steps), max(1, steps // 50))
-            else:
-                pruner = None
-            rng = np.random.default_rng(seed)
-            orders = {}
+        key = (tokenizer.to_str(), task.name)
+        if key not in encodings:
+            encodings[key] = {s: encode(task, ex, tokenizer, labels[task.name], cfg.max_len)
+                              for s, ex in splits[task.name].items()}
+        encoded = encodings[key]
+        teacher_states = kept_states[(teacher_name, task.name)] if teacher_name else None
+        runs, states = [], {}
+        for epochs, lr in recipes:
+            for seed in range(cfg.seeds):
+                teacher = as_teacher(task, mlm, n_labels, teacher_states[seed]) if teacher_states else None
+                run, state = finetune_run(task, mlm, sparse, encoded, n_labels, epochs, lr, seed, teacher)
+                runs.append(run)
+                if is_teacher:
+                    states[(epochs, lr, seed)] = state
+                print(f"{name} / {task.name} / {epochs:g} epochs, lr {lr:g}{', distilled' if teacher else ''} / "
+                      f"seed {seed}: dev {task.metric} {run['dev']:.4f}, "
+                      + ", ".join(f"test {k} {v:.4f}" for k, v in run["test_metrics"].items()))
+        # the recipe with the best mean dev score over the seeds; its test scores are the result
+        recipe = max(recipes, key=lambda r: statistics.mean(x["dev"] for x in runs if (x["epochs"], x["lr"]) == r))
+        for run in runs:
+            run["selected"] = (run["epochs"], run["lr"]) == recipe
+        results[name][task.name] = {"recipe": recipe, "runs": runs}
+        if is_teacher:
+            kept_states[(name, task.name)] = [states[(*recipe, seed)] for seed in range(cfg.seeds)]
+    if sparse:
+        info[name]["mask_unchanged"] = True  # checked after every run
+    if cfg.prune_during_finetune > 0 and not sparse:
+        info[name]["pruned_in_finetune"] = cfg.prune_during_finetune
 
-            def batch_fn(step):
-                epoch, i = divmod(step, steps_per_epoch)
-                if epoch not in orders:
-                    orders[epoch] = rng.permutation(len(encoded["train"]))
-                idx = orders[epoch][i * cfg.batch_size:(i + 1) * cfg.batch_size][rank::world]  # this rank's rows
-                return collate([encoded["train"][j] for j in idx], task.kind)
-
-            best = {"score": -1.0, "state": None, "threshold": None}
-
-            def select_on_dev():  # keep the weights (and multi-label threshold) of the best dev score
-                dev = evaluate(model, task, encoded["dev"], n_labels)
-                if dev[task.metric] > best["score"]:
-                    best.update(score=dev[task.metric], state=copy.deepcopy(model.state_dict()),
-                                threshold=dev.get("threshold"))
-                return f"dev {task.metric} {dev[task.metric]:.4f}"
-
-            train(model, make_optimizer(model, cfg.lr, cfg.weight_decay), batch_fn, steps, peak_lr=cfg.lr,
-                  warmup_steps=int(cfg.warmup * steps), ckpt_path=None, extra_state={}, pruner=pruner,
-                  eval_fn=select_on_dev, eval_every=steps_per_epoch, log_every=max(1, steps // 4), device=device,
-                  ddp_model=wrap_ddp(model, device, world), is_main=rank == 0, compile=cfg.compile, bf16=bf16)
-            select_on_dev()
-            model.load_state_dict(best["state"])
-            if sparse:  # exactly the pretrained zeros, no more, no fewer
-                assert all(torch.equal(w != 0, pruner.masks[n]) for n, w in pruner.params.items()), "mask changed"
-                info[name]["mask_unchanged"] = True
-            if pruner and not pruner.frozen:
-                info[name].update(pruned_in_finetune=pruner.sparsity())
-            test = evaluate(model, task, encoded["test"], n_labels, best["threshold"])
-            scores.append(test[task.metric])
-            print(f"{name} / {task.name} / seed {seed}: dev {task.metric} {best['score']:.4f}, "
-                  f"test {', '.join(f'{k} {v:.4f}' for k, v in test.items())}")
-        results[name][task.name] = scores
 
 # %% 5) the comparison table: one row per model, one column per task, average and recovery
+def test_scores(name, task_name):  # the test scores of the dev-selected recipe, one per seed
+    return [run["test"] for run in results[name][task_name]["runs"] if run["selected"]]
+
+
 def mean_std(xs):
     return statistics.mean(xs), (statistics.stdev(xs) if len(xs) > 1 else 0.0)
 
 
-def dense_counterpart(name):  # bio-sparse90 -> bio-dense, general-sparse90 -> general-dense
-    base = name.split("-sparse")[0]
-    return f"{base}-dense" if "-sparse" in name and f"{base}-dense" in results else None
+def average(name):  # the mean over tasks of the mean over seeds
+    return statistics.mean(mean_std(test_scores(name, t.name))[0] for t in tasks)
 
 
 header = ["model", "sparsity", "non-zero encoder weights"] + [f"{t.name} ({t.metric})" for t in tasks] + \
          ["average", "recovery vs dense"]
 rows = []
-for name in results:
-    averages = {t: mean_std(s)[0] for t, s in results[name].items()}
-    avg = statistics.mean(averages.values())
+for name in names_in_run:
     counterpart = dense_counterpart(name)
-    recovery = (f"{100 * avg / statistics.mean(mean_std(s)[0] for s in results[counterpart].values()):.1f}%"
-                if counterpart else "")
+    recovery = f"{100 * average(name) / average(counterpart):.1f}%" if counterpart in results else ""
     cells = [f"{100 * m:.1f} ± {100 * s:.1f}" if cfg.seeds > 1 else f"{100 * m:.1f}"
-             for m, s in (mean_std(results[name][t.name]) for t in tasks)]
+             for m, s in (mean_std(test_scores(name, t.name)) for t in tasks)]
     rows.append([name, f"{info[name]['sparsity']:.0%}", f"{info[name]['nonzero']:,}"] + cells +
-                [f"{100 * avg:.1f}", recovery])
+                [f"{100 * average(name):.1f}", recovery])
 table = "\n".join("| " + " | ".join(r) + " |" for r in [header, ["---"] * len(header)] + rows)
-print("\n" + table)
+chosen = "\n".join(f"- {name}: " + ", ".join(f"{t} {e:g} epochs lr {lr:g}" for t, r in results[name].items()
+                                             for e, lr in [r["recipe"]])
+                   + (f"; distilled from {info[name]['teacher']}" if info[name].get("teacher") else "")
+                   for name in names_in_run)
+print(f"\n{table}\n\nrecipes selected on dev (grid: epochs {cfg.epochs}, lr {cfg.lr}):\n{chosen}")
 if rank != 0:
     sys.exit(0)
 os.makedirs(cfg.out, exist_ok=True)
 with open(os.path.join(cfg.out, "results.md"), "w") as f:
-    f.write(f"Test scores (x100), {cfg.seeds} seed(s); `python finetune.py` with {asdict(cfg)}\n\n{table}\n")
+    f.write(f"Test scores (x100), mean ± std over {cfg.seeds} seed(s) at each model's dev-selected recipe; "
+            f"`python finetune.py` with {asdict(cfg)}\n\n{table}\n\nRecipes selected on dev:\n{chosen}\n")
 with open(os.path.join(cfg.out, "results.json"), "w") as f:
-    json.dump({"config": asdict(cfg), "models": info, "scores": results}, f, indent=2)
+    json.dump({"config": asdict(cfg), "models": info,
+               "scores": {n: {t: test_scores(n, t) for t in r} for n, r in results.items()},
+               "recipes": {n: {t: r["recipe"] for t, r in rs.items()} for n, rs in results.items()},
+               "runs": {n: {t: r["runs"] for t, r in rs.items()} for n, rs in results.items()}}, f, indent=1)
 print(f"\n{(time.time() - t_start) / 60:.1f} min; wrote {cfg.out}/results.md and results.json")

@@ -81,6 +81,26 @@ def test_finetune_tiny_table(bio, mirror_data):
     assert "| random-init |" in log
 
 
+def test_finetune_recipe_search_seeds_and_distillation(bio, mirror_data):
+    """Every model gets the same grid; each keeps its best mean dev recipe; the sparse model learns
+    from its dense counterpart, and its zeros are still exactly the pretrained ones."""
+    out, _ = bio
+    models = ",".join(str(out / n) for n in ("bio-sparse90", "bio-dense"))  # the student first: order must not matter
+    log = run_script(["finetune.py", "--preset", "tiny", "--data", mirror_data, "--models", models,
+                      "--random-baseline", "false", "--tasks", "ncbi_disease,hoc", "--lr", "2e-4,1e-3",
+                      "--seeds", "2", "--distill-hardness", "1.0", "--out", str(out / "finetune-distill")])
+    results = json.loads((out / "finetune-distill" / "results.json").read_text())
+    assert results["models"]["bio-sparse90"]["teacher"] == "bio-dense" and results["models"]["bio-sparse90"]["mask_unchanged"]
+    for name in ("bio-sparse90", "bio-dense"):
+        for task, runs in results["runs"][name].items():
+            assert len(runs) == 4 and {(r["lr"], r["seed"]) for r in runs} == {(2e-4, 0), (2e-4, 1), (1e-3, 0), (1e-3, 1)}
+            assert all(r["teacher"] == (name == "bio-sparse90") and len(r["dev_curve"]) >= 1 for r in runs)
+            mean_dev = {lr: sum(r["dev"] for r in runs if r["lr"] == lr) / 2 for lr in (2e-4, 1e-3)}
+            assert results["recipes"][name][task][1] == max(mean_dev, key=mean_dev.get)
+            assert results["scores"][name][task] == [r["test"] for r in runs if r["selected"]]
+    assert "distilled from bio-dense" in log and " ± " in log
+
+
 def test_torchrun_two_processes_and_resume(mirror_data, tmp_path):
     """train_general.py under `torchrun --nproc_per_node 2` (gloo on CPU), then --resume in that mode."""
     args = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "train_general.py",

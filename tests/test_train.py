@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from tiny_sparse_bert.data import Blocks, NUM_SPECIAL
-from tiny_sparse_bert.model import BertConfig, BertForMaskedLM
+from tiny_sparse_bert.model import IGNORE_INDEX, BertConfig, BertForMaskedLM
 from tiny_sparse_bert.pruning import MagnitudePruner
 from tiny_sparse_bert.train import (NonFiniteLoss, linear_warmup_decay, load_checkpoint, make_optimizer, mlm_batch,
                                     train)
@@ -228,3 +228,47 @@ def test_options_are_checked_at_start_up():
     for name in ("gpu", "cuda0", "tpu"):
         with pytest.raises(SystemExit, match="use auto, cpu, cuda or cuda:N"):
             pick_device(name)
+
+
+# ---------------------------------------------------------------------------------- distillation
+
+@pytest.mark.parametrize("kind", ["mlm", "ner", "cls", "multi"])
+def test_distillation_loss_is_zero_only_when_student_equals_teacher(kind):
+    from tiny_sparse_bert.train import distillation_loss
+    g = torch.Generator().manual_seed(0)
+    shape = {"mlm": (20, 50), "ner": (3, 7, 5), "cls": (6, 4), "multi": (6, 4)}[kind]
+    teacher = torch.randn(shape, generator=g) * 3
+    labels = torch.randint(0, 5, shape[:2], generator=g) if kind == "ner" else None
+    for T in (1.0, 2.0):
+        assert distillation_loss(teacher.clone(), teacher, labels, kind, T).abs() < 1e-5
+        student = teacher + torch.randn(shape, generator=g)
+        assert distillation_loss(student, teacher, labels, kind, T) > 1e-3
+
+
+def test_ner_distillation_ignores_padding_and_later_word_pieces():
+    from tiny_sparse_bert.train import distillation_loss
+    g = torch.Generator().manual_seed(0)
+    teacher = torch.randn(2, 6, 3, generator=g)
+    labels = torch.tensor([[IGNORE_INDEX, 1, IGNORE_INDEX, 0, IGNORE_INDEX, IGNORE_INDEX],   # [CLS] w ##p w [SEP] pad
+                           [IGNORE_INDEX, 2, 0, IGNORE_INDEX, IGNORE_INDEX, IGNORE_INDEX]])
+    student = (teacher + torch.randn(2, 6, 3, generator=g)).requires_grad_()
+    loss = distillation_loss(student, teacher, labels, "ner", 2.0)
+    loss.backward()
+    ignored = labels == IGNORE_INDEX
+    assert (student.grad[ignored] == 0).all() and (student.grad[~ignored] != 0).any()
+    moved = student.detach().clone()
+    moved[ignored] += 100.0  # anything at padding, [CLS], [SEP] and non-first pieces
+    assert torch.equal(distillation_loss(moved, teacher, labels, "ner", 2.0), loss.detach())
+
+
+def test_the_teacher_gets_no_gradient_and_does_not_change(tmp_path):
+    model, optimizer, pruner, batch_fn = setup()
+    teacher = BertForMaskedLM(CFG)
+    teacher.load_state_dict(model.state_dict())
+    teacher.eval().requires_grad_(False)
+    before = {k: v.clone() for k, v in teacher.state_dict().items()}
+    train(model, optimizer, batch_fn, 6, peak_lr=1e-3, warmup_steps=2, ckpt_path=None, extra_state={},
+          pruner=pruner, teacher=teacher, distill_alpha=1.0, log_every=100)
+    assert all(p.grad is None for p in teacher.parameters())
+    assert all(torch.equal(before[k], v) for k, v in teacher.state_dict().items())
+    assert not torch.equal(before["decoder_bias"], model.decoder_bias)  # the student did learn

@@ -299,19 +299,42 @@ def resume(path, model, optimizer, pruner=None, written_by="train_general.py or 
 
 # ---------------------------------------------------------------------------------- the loop
 
+def distillation_loss(logits, teacher_logits, labels, kind, temperature):
+    """Soft-target loss of Hinton et al. 2015 at temperature T, scaled by T^2 (so its gradient keeps
+    the size of the hard loss's): zero when the student's logits equal the teacher's, positive otherwise.
+
+    kind "mlm": rows are the masked positions (the MLM head returns only those); "cls": one
+    softmax per example; both KL(teacher || student). "ner": (B, T, K) logits, only at positions
+    with a label (first word pieces; padding and later pieces carry IGNORE_INDEX). "multi": one
+    sigmoid per label, the KL between the teacher's and the student's Bernoulli distributions,
+    averaged over labels and examples (BCE to the teacher's probabilities minus their entropy).
+    """
+    student, teacher = logits.float() / temperature, teacher_logits.float() / temperature
+    if kind == "ner":
+        labelled = labels != IGNORE_INDEX  # (B, T)
+        student, teacher = student[labelled], teacher[labelled]  # (N, K)
+    if kind == "multi":
+        p = torch.sigmoid(teacher)
+        kl = (F.binary_cross_entropy_with_logits(student, p) - F.binary_cross_entropy_with_logits(teacher, p))
+    else:
+        kl = F.kl_div(F.log_softmax(student, -1), F.log_softmax(teacher, -1), log_target=True, reduction="batchmean")
+    return kl * temperature ** 2
+
+
 class NonFiniteLoss(SystemExit):
     """Raised when the loss or the gradient norm is NaN or infinite: the script stops with this one-line message."""
 
 
 def train(model, optimizer, batch_fn, steps, *, peak_lr, warmup_steps, ckpt_path, extra_state,
-          pruner=None, teacher=None, distill_temperature=2.0, distill_alpha=0.5, clip_norm=1.0,
+          pruner=None, teacher=None, distill_temperature=2.0, distill_alpha=0.5, distill_kind="mlm", clip_norm=1.0,
           eval_fn=None, eval_every=0, log_every=50, ckpt_every=500, start_step=0, device=None,
           ddp_model=None, is_main=True, compile=False, bf16=False):
     """Run steps [start_step, steps) of AdamW on `batch_fn(step)` batches; save to `ckpt_path`.
 
     `extra_state` (configs, tokenizer path, ...) is stored in every checkpoint. With `teacher`
-    (a dense model of the same vocabulary) the loss mixes the hard MLM loss with a soft-target KL
-    at the masked positions (Hinton et al. 2015; Sanh et al. 2019). `ddp_model` is the
+    (a dense model with the same outputs, frozen) the loss is (1 - distill_alpha) x the hard loss
+    + distill_alpha x `distillation_loss` of kind `distill_kind` (Hinton et al. 2015; Sanh et al.
+    2019; distill_alpha is SparseML's "hardness": 1.0 trains on the soft targets alone). `ddp_model` is the
     DistributedDataParallel wrapper of `model` when running under torchrun. `compile` runs the
     forward and backward through torch.compile (dynamic shapes: the number of masked positions varies).
 
@@ -377,10 +400,8 @@ def train(model, optimizer, batch_fn, steps, *, peak_lr, warmup_steps, ckpt_path
                 if teacher is not None:
                     with torch.no_grad():
                         teacher_logits, _ = teacher(**batch)
-                    T = distill_temperature
-                    kl = F.kl_div(F.log_softmax(logits.float() / T, -1), F.log_softmax(teacher_logits.float() / T, -1),
-                                  log_target=True, reduction="batchmean") * T * T
-                    loss = (1 - distill_alpha) * loss + distill_alpha * kl
+                    soft = distillation_loss(logits, teacher_logits, batch["labels"], distill_kind, distill_temperature)
+                    loss = (1 - distill_alpha) * loss + distill_alpha * soft
             if ddp_model is not None:
                 # weight each rank by its share of the labelled positions: DDP's average of the ranks'
                 # gradients is then the gradient of the mean over the whole global batch
