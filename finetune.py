@@ -210,7 +210,7 @@ def finetune_run(task, mlm, sparse, encoded, n_labels, epochs, lr, seed, teacher
 
     best = {"dev": -1.0, "state": None, "threshold": None, "dev_curve": []}
 
-    def select_on_dev():  # keep the weights (and multi-label threshold) of the best dev score
+    def select_on_dev(step=None):  # keep the weights (and multi-label threshold) of the best dev score
         dev = evaluate(model, task, encoded["dev"], n_labels)
         best["dev_curve"].append(round(dev[task.metric], 4))
         if dev[task.metric] > best["dev"]:
@@ -329,3 +329,4 @@ with open(os.path.join(cfg.out, "results.json"), "w") as f:
                "recipes": {n: {t: r["recipe"] for t, r in rs.items()} for n, rs in results.items()},
                "runs": {n: {t: r["runs"] for t, r in rs.items()} for n, rs in results.items()}}, f, indent=1)
 print(f"\n{(time.time() - t_start) / 60:.1f} min; wrote {cfg.out}/results.md and results.json")
+print(f"figures: python -m tiny_sparse_bert.plots {os.path.dirname(os.path.normpath(cfg.out)) or '.'}")

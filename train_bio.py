@@ -25,7 +25,7 @@ import torch
 from tiny_sparse_bert.data import Blocks, corpus_files, load_tokenizer, tokenize_corpus
 from tiny_sparse_bert.model import BertConfig, BertForMaskedLM
 from tiny_sparse_bert.pruning import MagnitudePruner
-from tiny_sparse_bert.train import (barrier, check_options, check_resume_config, check_run_dir, check_writable,
+from tiny_sparse_bert.train import (append_record, barrier, check_options, check_resume_config, check_run_dir, check_writable,
                                     evaluate_mlm, load_checkpoint, make_optimizer, mlm_batch, parse_config, resume,
                                     save_run_files, setup_distributed, train, use_bf16, unigram_log_probs, wrap_ddp)
 
@@ -76,7 +76,7 @@ out_dir = cfg.out or os.path.join(os.path.dirname(os.path.normpath(cfg.init)),
                                   init_name.replace("general", "bio") if "general" in init_name else "bio-" + init_name)
 if os.path.abspath(out_dir) == os.path.abspath(cfg.init):
     raise SystemExit(f"error: --out {out_dir} is the --init directory; choose another --out")
-ckpt_path = os.path.join(out_dir, "ckpt.pt")
+ckpt_path, record_path = os.path.join(out_dir, "ckpt.pt"), os.path.join(out_dir, "record.jsonl")
 if cfg.resume and cfg.overwrite:
     raise SystemExit("error: --resume continues the run in --out, --overwrite replaces it: choose one")
 if os.path.exists(ckpt_path) and not (cfg.resume or cfg.overwrite):
@@ -91,8 +91,10 @@ rank, world, device = setup_distributed(cfg.device)  # one process, or one of `t
 bf16 = use_bf16(device, cfg.precision)
 if rank != 0:
     sys.stdout = open(os.devnull, "w")  # only rank 0 prints, evaluates and writes files
-if cfg.overwrite and rank == 0 and os.path.exists(ckpt_path):
-    os.remove(ckpt_path)  # the run being replaced; the first checkpoint of this one takes its place
+if cfg.overwrite and rank == 0:  # the run being replaced: its checkpoint and its record
+    for path in (ckpt_path, record_path):
+        if os.path.exists(path):
+            os.remove(path)
 print(f"config (preset {preset}, {world} process{'es' if world > 1 else ''} on {device}{', bf16' if bf16 else ''}): {asdict(cfg)}")
 t_start = time.time()
 
@@ -113,9 +115,13 @@ held_out = {"bio": (Blocks(bio_val, cfg.seq_len, cfg.batch_size), unigram_log_pr
             "general": (Blocks(general_val, cfg.seq_len, cfg.batch_size), unigram_log_probs(general_train, vocab_size))}
 
 
-def evaluate(model, domain):
+def evaluate(model, domain, step):
+    """Held-out MLM loss of one domain next to its unigram floor; appended to the run's record."""
     val_blocks, unigram = held_out[domain]
     r = evaluate_mlm(model, val_blocks, unigram, cfg.eval_batches, device=device, bf16=bf16)
+    if rank == 0:
+        append_record(record_path, step=step, domain=domain, eval_loss=r["loss"], eval_acc=r["acc"],
+                      unigram=r["unigram"])
     return f"{domain} MLM loss {r['loss']:.3f} (unigram {r['unigram']:.3f}) acc {r['acc']:.1%}"
 
 
@@ -129,7 +135,7 @@ ddp_model = wrap_ddp(model, device, world)  # None for a single process
 start_masks = {n: m.clone() for n, m in pruner.masks.items()} if sparse else None
 print(f"init {cfg.init}: " + (f"sparse, {pruner.sparsity():.1%} of encoder weights zero, mask frozen" if sparse
                              else "dense, trained without masks"))
-before = {d: evaluate(model, d) for d in held_out}
+before = {d: evaluate(model, d, 0) for d in held_out}
 
 # %% 4) train: continued MLM pretraining on biomedical text
 optimizer = make_optimizer(model, cfg.lr, cfg.weight_decay)
@@ -140,14 +146,14 @@ train(model, optimizer, lambda step: mlm_batch(blocks, step, cfg.mlm_prob, vocab
       peak_lr=cfg.lr, warmup_steps=int(cfg.warmup * cfg.steps), ckpt_path=ckpt_path,
       extra_state=dict(model_config=asdict(model_config), run_config=asdict(cfg), phase="bio", init=cfg.init,
                        tokenizer="tokenizer.json"),
-      start_step=start, pruner=pruner, eval_fn=lambda: evaluate(model, "bio"), eval_every=cfg.eval_every,
+      start_step=start, pruner=pruner, eval_fn=lambda step: evaluate(model, "bio", step), eval_every=cfg.eval_every,
       log_every=cfg.log_every, ckpt_every=cfg.ckpt_every, device=device, ddp_model=ddp_model, is_main=rank == 0,
-      compile=cfg.compile, bf16=bf16)
+      compile=cfg.compile, bf16=bf16, record_path=record_path)
 if rank == 0:
     save_run_files(out_dir, tokenizer, cfg)
 
 # %% 5) evaluate and check: held-out MLM before/after, and the zeros are exactly the ones we started with
-after = {d: evaluate(model, d) for d in held_out}
+after = {d: evaluate(model, d, cfg.steps) for d in held_out}
 print(f"\nheld-out MLM ({cfg.eval_batches} batches of {cfg.batch_size} x {cfg.seq_len}):")
 for d in held_out:
     print(f"  before  {before[d]}\n  after   {after[d]}")
@@ -158,3 +164,4 @@ if sparse:
 print(f"\ntraining {(time.time() - t_train) / 60:.1f} min, total {(time.time() - t_start) / 60:.1f} min")
 print(f"wrote {out_dir}/ (ckpt.pt, tokenizer.json, config.json)")
 print(f"next: python finetune.py --models {out_dir} ...   (see README)")
+print(f"figures: python -m tiny_sparse_bert.plots {os.path.dirname(out_dir) or '.'}")

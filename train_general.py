@@ -27,7 +27,7 @@ from tiny_sparse_bert.data import (Blocks, corpus_files, load_tokenizer, tokeniz
                                    documents)
 from tiny_sparse_bert.model import BertConfig, BertForMaskedLM, count_parameters
 from tiny_sparse_bert.pruning import MagnitudePruner
-from tiny_sparse_bert.train import (barrier, check_options, check_resume_config, check_writable, evaluate_mlm,
+from tiny_sparse_bert.train import (append_record, barrier, check_options, check_resume_config, check_writable, evaluate_mlm,
                                     make_optimizer, mlm_batch, parse_config, resume, save_run_files,
                                     setup_distributed, train, use_bf16, unigram_log_probs, wrap_ddp)
 
@@ -111,6 +111,7 @@ if rank != 0:
 sparse_name = f"general-sparse{round(cfg.final_sparsity * 100)}"
 dense_dir, sparse_dir = os.path.join(cfg.out, "general-dense"), os.path.join(cfg.out, sparse_name)
 dense_ckpt, sparse_ckpt = os.path.join(dense_dir, "ckpt.pt"), os.path.join(sparse_dir, "ckpt.pt")
+dense_record, sparse_record = os.path.join(dense_dir, "record.jsonl"), os.path.join(sparse_dir, "record.jsonl")
 print(f"config (preset {preset}, {world} process{'es' if world > 1 else ''} on {device}{', bf16' if bf16 else ''}): {asdict(cfg)}")
 t_start = time.time()
 
@@ -128,7 +129,8 @@ if cfg.resume:  # the settings that made each saved phase must not change
             check_resume_config(path, cfg, ignore, steps)
 check_writable(cfg.out)
 if cfg.overwrite and rank == 0:  # a new dense model makes every sparse model pruned from the old one stale
-    for path in [dense_ckpt] + glob.glob(os.path.join(cfg.out, "general-sparse*", "ckpt.pt")):
+    for path in [dense_ckpt, dense_record] + glob.glob(os.path.join(cfg.out, "general-sparse*", "ckpt.pt")) + \
+            glob.glob(os.path.join(cfg.out, "general-sparse*", "record.jsonl")):
         if os.path.exists(path):
             os.remove(path)
 barrier(world)
@@ -158,9 +160,12 @@ held_out = {  # per domain: held-out blocks, and the unigram model of its traini
     "bio": (Blocks(bio_val, cfg.seq_len, cfg.batch_size), unigram_log_probs(bio_train, cfg.vocab_size))}
 
 
-def evaluate(model, domain="general"):
+def evaluate(model, domain="general", step=None, record=None):
+    """Held-out MLM loss of one domain next to its unigram floor; appended to `record` at `step`."""
     val_blocks, unigram = held_out[domain]
     r = evaluate_mlm(model, val_blocks, unigram, cfg.eval_batches, device=device, bf16=bf16)
+    if rank == 0:
+        append_record(record, step=step, domain=domain, eval_loss=r["loss"], eval_acc=r["acc"], unigram=r["unigram"])
     return f"{domain} MLM loss {r['loss']:.3f} (unigram {r['unigram']:.3f}) acc {r['acc']:.1%}"
 
 
@@ -185,13 +190,13 @@ start = resume(dense_ckpt, model, optimizer) if cfg.resume and os.path.exists(de
 t_phase = time.time()
 train(model, optimizer, batch_fn, cfg.dense_steps, peak_lr=cfg.lr, warmup_steps=int(cfg.warmup * cfg.dense_steps),
       ckpt_path=dense_ckpt, extra_state=dict(state, phase="dense"), start_step=start,
-      eval_fn=lambda: evaluate(model), eval_every=cfg.eval_every, log_every=cfg.log_every,
-      ckpt_every=cfg.ckpt_every, device=device, ddp_model=ddp_model, is_main=rank == 0,
-      compile=cfg.compile, bf16=bf16)
+      eval_fn=lambda step: evaluate(model, "general", step, dense_record), eval_every=cfg.eval_every,
+      log_every=cfg.log_every, ckpt_every=cfg.ckpt_every, device=device, ddp_model=ddp_model, is_main=rank == 0,
+      compile=cfg.compile, bf16=bf16, record_path=dense_record)
 dense_minutes = (time.time() - t_phase) / 60
 if rank == 0:
     save_run_files(dense_dir, tokenizer, cfg)
-dense_eval = {d: evaluate(model, d) for d in held_out}
+dense_eval = {d: evaluate(model, d, cfg.dense_steps, dense_record) for d in held_out}
 print(f"dense model after {dense_minutes:.1f} min: {dense_eval['general']}")
 
 # %% 5) phase 2: gradual magnitude pruning to final_sparsity, starting from the dense model
@@ -212,16 +217,16 @@ train(model, optimizer, batch_fn, cfg.prune_steps, peak_lr=cfg.prune_lr,
       warmup_steps=int(cfg.warmup * cfg.prune_steps), ckpt_path=sparse_ckpt,
       extra_state=dict(state, phase="sparse"), start_step=start, pruner=pruner, teacher=teacher,
       distill_alpha=cfg.distill, distill_temperature=cfg.distill_temperature,
-      eval_fn=lambda: evaluate(model), eval_every=cfg.eval_every, log_every=cfg.log_every,
-      ckpt_every=cfg.ckpt_every, device=device, ddp_model=ddp_model, is_main=rank == 0,
-      compile=cfg.compile, bf16=bf16)
+      eval_fn=lambda step: evaluate(model, "general", step, sparse_record), eval_every=cfg.eval_every,
+      log_every=cfg.log_every, ckpt_every=cfg.ckpt_every, device=device, ddp_model=ddp_model, is_main=rank == 0,
+      compile=cfg.compile, bf16=bf16, record_path=sparse_record)
 sparse_minutes = (time.time() - t_phase) / 60
 if rank == 0:
     save_run_files(sparse_dir, tokenizer, cfg)
 assert abs(pruner.sparsity() - cfg.final_sparsity) < 1e-3, f"sparsity {pruner.sparsity():.4f} != target"
 
 # %% 6) report: held-out MLM on general and biomedical text, sparsity per layer, parameter counts
-sparse_eval = {d: evaluate(model, d) for d in held_out}
+sparse_eval = {d: evaluate(model, d, cfg.prune_steps, sparse_record) for d in held_out}
 print("\n" + pruner.sparsity_report(model))
 print(f"\nheld-out MLM ({cfg.eval_batches} batches of {cfg.batch_size} x {cfg.seq_len}, 15% masked):")
 for name, ev, minutes in (("general-dense", dense_eval, dense_minutes), (sparse_name, sparse_eval, sparse_minutes)):
@@ -229,3 +234,4 @@ for name, ev, minutes in (("general-dense", dense_eval, dense_minutes), (sparse_
 print(f"\ntotal wall time {(time.time() - t_start) / 60:.1f} min")
 print(f"wrote {dense_dir}/ and {sparse_dir}/ (ckpt.pt, tokenizer.json, config.json)")
 print(f"next: python train_bio.py --init {sparse_dir}   and   python train_bio.py --init {dense_dir}")
+print(f"figures: python -m tiny_sparse_bert.plots {cfg.out}")

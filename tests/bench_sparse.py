@@ -1,14 +1,16 @@
 """Benchmark: encoder forward latency, dense (masked) weights vs `convert_to_sparse` CSR weights.
 
-    python tests/bench_sparse.py [--rounds 5] [--sizes default,base] [--sparsities 0.8,0.9,0.95]
+    python tests/bench_sparse.py [--rounds 5] [--sizes default,base] [--sparsities 0.8,0.9,0.95] [--json PATH]
 
 For each size (our default L4 H256 I1024, and a BERT-base-sized stack H768 I3072 with 4 layers:
 the per-layer cost is what matters) and sparsity, the same pruned encoder runs dense and sparse,
 alternately, round by round in one process; the table gives the median latency of each and
-the speedup. Also prints the compressed size of the prunable weights.
+the speedup. Also prints the compressed size of the prunable weights. `--json out/bench_sparse.json`
+also writes the rows for `python -m tiny_sparse_bert.plots out/`.
 """
 import argparse
 import copy
+import json
 import statistics
 import time
 
@@ -41,7 +43,9 @@ def main():
     parser.add_argument("--sparsities", default="0.8,0.9,0.95")
     parser.add_argument("--batches", default="1,32")
     parser.add_argument("--seq-len", type=int, default=128)
+    parser.add_argument("--json", default="", help="also write the rows to this JSON file")
     args = parser.parse_args()
+    rows = []
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; median of {args.rounds} rounds, "
           f"dense and sparse alternated; sequence length {args.seq_len}")
     print("| size | sparsity | batch | dense ms | sparse ms | speedup | prunable MB dense -> compressed |")
@@ -64,6 +68,10 @@ def main():
                 d, s = statistics.median(t_dense) * 1000, statistics.median(t_sparse) * 1000
                 print(f"| {size} | {sparsity:.0%} | {batch} | {d:.1f} | {s:.1f} | {d / s:.2f}x | "
                       f"{d_bytes / 1e6:.1f} -> {c_bytes / 1e6:.1f} ({d_bytes / c_bytes:.1f}x) |", flush=True)
+                rows.append(dict(size=size, sparsity=sparsity, batch=batch, dense_ms=d, sparse_ms=s))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(rows, f, indent=1)
 
 
 if __name__ == "__main__":

@@ -81,6 +81,44 @@ def test_finetune_tiny_table(bio, mirror_data):
     assert "| random-init |" in log
 
 
+def test_run_records_and_figures(bio, tmp_path, capsys):
+    """Every training directory records its log lines, mask updates and evaluations; the plots
+    command draws what exists, skips the rest, and survives a damaged record line."""
+    import shutil
+    from tiny_sparse_bert import plots
+    from tiny_sparse_bert.pruning import cubic_sparsity
+    from tiny_sparse_bert.train import read_record
+    out, _ = bio
+    sparse = read_record(out / "general-sparse90" / "record.jsonl")
+    logs = [e for e in sparse if "loss" in e]
+    assert logs and all({"step", "loss", "lr", "ms_per_step", "sparsity", "target_sparsity"} <= set(e) for e in logs)
+    assert any(e.get("mask_update") for e in sparse) and any(e.get("domain") == "bio" for e in sparse)
+    dense = read_record(out / "general-dense" / "record.jsonl")
+    assert [e for e in dense if e.get("domain") == "general"][-1]["unigram"] > 0
+    assert any(e.get("domain") == "bio" and e["step"] == 0 for e in read_record(out / "bio-dense" / "record.jsonl"))
+
+    d = plots.schedule_data(out / "general-sparse90")
+    c = d["config"]
+    assert d["updates"] and all(t == cubic_sparsity(s, 0.0, c["final_sparsity"], d["begin"], d["end"])
+                                for s, t in d["updates"])
+
+    run = tmp_path / "run"
+    shutil.copytree(out, run, ignore=shutil.ignore_patterns("finetune*"))
+    with open(run / "general-sparse90" / "record.jsonl", "a") as f:
+        f.write('{"step": 12, "loss": 3.\n')  # a line cut off by a crash
+    written, skipped = plots.main(str(run))
+    assert f"{run / 'general-sparse90' / 'record.jsonl'}:{len(sparse) + 1}: not a record line" in capsys.readouterr().out
+    assert {os.path.basename(p) for p in written} == {"schedule.png", "loss.png", "layer_sparsity.png",
+                                                      "magnitudes.png"}
+    assert all(os.path.getsize(p) > 10_000 for p in written)
+    assert {line.split(":")[0] for line in skipped} == {"finetune", "sparse_speed"}
+
+    partial = tmp_path / "partial"  # only phase 1 finished
+    shutil.copytree(out / "general-dense", partial / "general-dense")
+    written, skipped = plots.main(str(partial))
+    assert [os.path.basename(p) for p in written] == ["loss.png"] and len(skipped) == 5
+
+
 def test_finetune_recipe_search_seeds_and_distillation(bio, mirror_data):
     """Every model gets the same grid; each keeps its best mean dev recipe; the sparse model learns
     from its dense counterpart, and its zeros are still exactly the pretrained ones."""
@@ -99,6 +137,9 @@ def test_finetune_recipe_search_seeds_and_distillation(bio, mirror_data):
             assert results["recipes"][name][task][1] == max(mean_dev, key=mean_dev.get)
             assert results["scores"][name][task] == [r["test"] for r in runs if r["selected"]]
     assert "distilled from bio-dense" in log and " ± " in log
+    from tiny_sparse_bert import plots
+    path = plots.plot_finetune(str(out / "finetune-distill"), str(out / "finetune-distill" / "results.json"))
+    assert os.path.getsize(path) > 10_000
 
 
 def test_torchrun_two_processes_and_resume(mirror_data, tmp_path):

@@ -297,6 +297,46 @@ def resume(path, model, optimizer, pruner=None, written_by="train_general.py or 
     return ckpt["step"]
 
 
+# ---------------------------------------------------------------------------------- run records
+
+def append_record(path, **fields):
+    """Add one JSON object as a line to a run's record (`record.jsonl`, what the figures are drawn from)."""
+    if path:
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        with open(path, "a") as f:
+            f.write(json.dumps(fields) + "\n")
+
+
+def read_record(path):
+    """The objects of a record.jsonl; a malformed line is reported with its file and line, and skipped."""
+    entries = []
+    with open(path) as f:
+        for n, line in enumerate(f, 1):
+            try:
+                entry = json.loads(line)
+                assert isinstance(entry, dict) and isinstance(entry.get("step"), int)
+            except (json.JSONDecodeError, AssertionError):
+                print(f"warning: {path}:{n}: not a record line (truncated or edited?), skipped")
+                continue
+            entries.append(entry)
+    return entries
+
+
+def trim_record(path, step):
+    """On resume at `step`: drop what was recorded after it (that part of the run is being redone)."""
+    if path and os.path.exists(path):
+        with open(path) as f:
+            lines = f.readlines()
+        def before(line):  # malformed lines stay: read_record reports them
+            try:
+                return json.loads(line).get("step", 0) <= step
+            except (json.JSONDecodeError, AttributeError):
+                return True
+        kept = [line for line in lines if before(line)]
+        with open(path, "w") as f:
+            f.writelines(kept)
+
+
 # ---------------------------------------------------------------------------------- the loop
 
 def distillation_loss(logits, teacher_logits, labels, kind, temperature):
@@ -328,7 +368,7 @@ class NonFiniteLoss(SystemExit):
 def train(model, optimizer, batch_fn, steps, *, peak_lr, warmup_steps, ckpt_path, extra_state,
           pruner=None, teacher=None, distill_temperature=2.0, distill_alpha=0.5, distill_kind="mlm", clip_norm=1.0,
           eval_fn=None, eval_every=0, log_every=50, ckpt_every=500, start_step=0, device=None,
-          ddp_model=None, is_main=True, compile=False, bf16=False):
+          ddp_model=None, is_main=True, compile=False, bf16=False, record_path=None):
     """Run steps [start_step, steps) of AdamW on `batch_fn(step)` batches; save to `ckpt_path`.
 
     `extra_state` (configs, tokenizer path, ...) is stored in every checkpoint. With `teacher`
@@ -337,6 +377,8 @@ def train(model, optimizer, batch_fn, steps, *, peak_lr, warmup_steps, ckpt_path
     2019; distill_alpha is SparseML's "hardness": 1.0 trains on the soft targets alone). `ddp_model` is the
     DistributedDataParallel wrapper of `model` when running under torchrun. `compile` runs the
     forward and backward through torch.compile (dynamic shapes: the number of masked positions varies).
+    `eval_fn(step)` returns a line to print. With `record_path`, every log line and mask update is
+    also appended to that JSON-lines record (a resumed run first drops what came after its step).
 
     The loss is summed on the device and read only when a line is logged, a checkpoint saved or an
     evaluation run, so a GPU is never made to wait for the CPU each step. A non-finite loss or
@@ -348,6 +390,8 @@ def train(model, optimizer, batch_fn, steps, *, peak_lr, warmup_steps, ckpt_path
     if compile:
         forward = torch.compile(forward, dynamic=True)
     model.train()
+    if is_main and start_step > 0:
+        trim_record(record_path, start_step)
     # a checkpoint on disk is "good" once this run wrote it, or when the run resumed from it
     last_good = ckpt_path if ckpt_path and start_step > 0 and os.path.exists(ckpt_path) else None
 
@@ -391,6 +435,8 @@ def train(model, optimizer, batch_fn, steps, *, peak_lr, warmup_steps, ckpt_path
                 updated = pruner.update(step)
                 if updated and ddp_model is not None:
                     check_masks_agree(pruner.masks)
+                if updated and is_main:
+                    append_record(record_path, step=step, mask_update=True, target_sparsity=pruner.current_target)
             lr = linear_warmup_decay(step, peak_lr, warmup_steps, steps)
             for group in optimizer.param_groups:
                 group["lr"] = lr
@@ -428,15 +474,18 @@ def train(model, optimizer, batch_fn, steps, *, peak_lr, warmup_steps, ckpt_path
             if log_now or eval_now or ckpt_now:
                 check_finite()
             if is_main and log_now:
-                ms = (time.time() - t0) * 1000 / n_summed
-                line = f"step {done}/{steps} | loss {loss_sum.item() / n_summed:.3f}"
+                entry = dict(step=done, loss=loss_sum.item() / n_summed, lr=lr,
+                             ms_per_step=(time.time() - t0) * 1000 / n_summed)
+                line = f"step {done}/{steps} | loss {entry['loss']:.3f}"
                 if pruner and not pruner.frozen:
-                    line += f" | sparsity {pruner.sparsity():.1%} (target {pruner.current_target:.1%})"
-                bar.write(line + f" | lr {lr:.1e} | {ms:.0f} ms/step")
+                    entry.update(sparsity=pruner.sparsity(), target_sparsity=pruner.current_target)
+                    line += f" | sparsity {entry['sparsity']:.1%} (target {entry['target_sparsity']:.1%})"
+                bar.write(line + f" | lr {lr:.1e} | {entry['ms_per_step']:.0f} ms/step")
+                append_record(record_path, **entry)
                 t0, n_summed = time.time(), 0
                 loss_sum.zero_()
             if eval_now and is_main:
-                bar.write(f"  eval @ {done}: " + eval_fn())
+                bar.write(f"  eval @ {done}: " + eval_fn(done))
             if ckpt_now:
                 checkpoint(done)
             if interrupted:

@@ -1,0 +1,230 @@
+"""Figures of a run, drawn from what the scripts record in their output directory.
+
+    python -m tiny_sparse_bert.plots out/           # writes out/figures/*.png
+
+Each training directory holds `config.json`, `ckpt.pt` and `record.jsonl` (one JSON object per
+log line, mask update and evaluation: `train.append_record`); finetune.py writes
+`results.json`; `tests/bench_sparse.py --json out/bench_sparse.json` the inference timings.
+Every figure whose data exists is drawn; the others are skipped with one line saying why, so a
+partial run (phase 1 only, one seed) still plots. matplotlib is imported here only: the rest of
+the package needs numpy, torch, tokenizers and tqdm alone.
+"""
+import glob
+import json
+import os
+import sys
+
+import matplotlib
+matplotlib.use("Agg")  # files only, no display
+import matplotlib.pyplot as plt
+import numpy as np
+import torch
+
+from .pruning import PRUNABLE_MODULES, cubic_sparsity
+from .train import read_record
+
+WIDTH = (7, 4)  # inches at 100 dpi: 700 px, the width of a README column
+KIND_COLOURS = dict(zip(PRUNABLE_MODULES, plt.get_cmap("tab10").colors))
+
+
+def load_run(directory):
+    """(config dict, record entries) of a training directory, or None where either is missing."""
+    config, record = os.path.join(directory, "config.json"), os.path.join(directory, "record.jsonl")
+    if not (os.path.exists(config) and os.path.exists(record)):
+        return None
+    with open(config) as f:
+        return json.load(f), read_record(record)
+
+
+def last_per_key(entries, *keys):
+    """The last entry for each value of `keys` (a resumed run may repeat a step): later ones win."""
+    return list({tuple(e.get(k) for k in keys): e for e in entries}.values())
+
+
+def schedule_data(directory):
+    """The cubic schedule of a pruning run: target curve, mask updates, measured sparsity at log points."""
+    config, record = load_run(directory)
+    steps, begin = config["prune_steps"], int(config["prune_begin"] * config["prune_steps"])
+    end = int(config["prune_end"] * config["prune_steps"])
+    curve_steps = np.arange(steps + 1)
+    curve = [cubic_sparsity(s, 0.0, config["final_sparsity"], begin, end) for s in curve_steps]
+    updates = sorted((e["step"], e["target_sparsity"]) for e in last_per_key(record, "step") if e.get("mask_update"))
+    measured = sorted((e["step"], e["sparsity"]) for e in last_per_key(
+        [e for e in record if "sparsity" in e], "step"))
+    return dict(config=config, begin=begin, end=end, curve_steps=curve_steps, curve=curve, updates=updates,
+                measured=measured)
+
+
+def plot_schedule(out, directory):
+    d = schedule_data(directory)
+    fig, ax = plt.subplots(figsize=WIDTH)
+    ax.plot(d["curve_steps"], np.array(d["curve"]) * 100, color="grey", label="target (Zhu & Gupta eq. 1)")
+    if d["updates"]:
+        s, t = zip(*d["updates"])
+        ax.scatter(s, np.array(t) * 100, s=14, color="C3", zorder=3, label="mask updates")
+    if d["measured"]:
+        s, m = zip(*d["measured"])
+        ax.plot(s, np.array(m) * 100, "o", mfc="none", color="C0", label="measured at log points")
+    ax.axvspan(d["end"], d["curve_steps"][-1], color="C2", alpha=0.08, label="recovery (mask fixed)")
+    ax.set(xlabel="phase-2 step", ylabel="encoder weights pruned (%)",
+           title=f"Cubic sparsity schedule, {os.path.basename(directory)}")
+    ax.legend(loc="lower right")
+    return save(fig, out, "schedule.png")
+
+
+def plot_losses(out, runs):
+    """MLM loss against the global step: phase 1, phase 2, then the biomedical runs from phase 2's end."""
+    fig, ax = plt.subplots(figsize=WIDTH)
+    floors = {}
+    for name, (offset, config, record) in runs.items():
+        train = sorted((e["step"], e["loss"]) for e in last_per_key([e for e in record if "loss" in e], "step"))
+        if train:
+            s, l = zip(*train)
+            ax.plot(np.array(s) + offset, l, lw=1, label=f"{name}: training loss")
+        for domain, style in (("general", "s--"), ("bio", "^--")):
+            evals = sorted((e["step"], e["eval_loss"], e["unigram"]) for e in last_per_key(
+                [e for e in record if e.get("domain") == domain], "step"))
+            if evals:
+                s, l, u = zip(*evals)
+                ax.plot(np.array(s) + offset, l, style, ms=4, label=f"{name}: held-out {domain}")
+                floors[domain] = u[-1]
+    for (domain, floor), colour in zip(floors.items(), ("black", "brown")):
+        ax.axhline(floor, ls=":", color=colour, label=f"unigram floor, {domain} ({floor:.2f})")
+    ax.set(xlabel="step (phase 1, then phase 2, then PubMed)", ylabel="MLM loss (nats)",
+           title="Masked-language-model loss and the context-blind floor")
+    ax.legend(fontsize=6, ncol=2)
+    return save(fig, out, "loss.png")
+
+
+def plot_layer_sparsity(out, directories):
+    fig, axes = plt.subplots(len(directories), 1, figsize=(WIDTH[0], 2.4 * len(directories) + 0.6), squeeze=False)
+    for ax, directory in zip(axes[:, 0], directories):
+        ckpt = torch.load(os.path.join(directory, "ckpt.pt"), map_location="cpu", weights_only=True)
+        names = [n for n in ckpt["pruner"]["masks"]]
+        sparsity = [100 * (ckpt["model"][n] == 0).float().mean().item() for n in names]
+        kinds = [n.split(".")[-2] for n in names]
+        ax.bar(range(len(names)), sparsity, color=[KIND_COLOURS[k] for k in kinds])
+        ax.set_xticks(range(len(names)), [n.split(".")[-3] + "." + k for n, k in zip(names, kinds)],
+                      rotation=90, fontsize=6)
+        mode = "global threshold" if ckpt["run_config"].get("global_pruning") else "per tensor"
+        ax.set(ylabel="zeros (%)", ylim=(0, 100), title=f"{os.path.basename(directory)} ({mode})")
+    handles = [plt.Rectangle((0, 0), 1, 1, color=c) for c in KIND_COLOURS.values()]
+    axes[0, 0].legend(handles, KIND_COLOURS, fontsize=6, ncol=6, loc="lower center")
+    fig.suptitle("Sparsity of every prunable tensor (layer.module)")
+    return save(fig, out, "layer_sparsity.png")
+
+
+def plot_magnitudes(out, dense_dir, sparse_dir):
+    """|w| of the encoder's prunable weights before (dense) and after (sparse) pruning."""
+    fig, ax = plt.subplots(figsize=WIDTH)
+    dense = torch.load(os.path.join(dense_dir, "ckpt.pt"), map_location="cpu", weights_only=True)
+    sparse = torch.load(os.path.join(sparse_dir, "ckpt.pt"), map_location="cpu", weights_only=True)
+    names = list(sparse["pruner"]["masks"])
+    before = torch.cat([dense["model"][n].abs().flatten() for n in names]).numpy()
+    after = torch.cat([sparse["model"][n].abs().flatten() for n in names]).numpy()
+    bins = np.logspace(np.log10(max(before[before > 0].min(), 1e-6)), np.log10(before.max()), 80)
+    ax.hist(before, bins=bins, alpha=0.6, label=f"{os.path.basename(dense_dir)}")
+    ax.hist(after[after > 0], bins=bins, alpha=0.6,
+            label=f"{os.path.basename(sparse_dir)}, non-zero ({(after == 0).mean():.0%} are exactly 0)")
+    first = sparse["model"][names[0]].abs()
+    threshold = first[first > 0].min().item()
+    ax.axvline(threshold, color="C3", ls="--", label=f"smallest kept |w| in {names[0]}: {threshold:.3g}")
+    ax.set(xscale="log", yscale="log", xlabel="|weight| (log scale)", ylabel="number of weights (log scale)",
+           title="Encoder weight magnitudes before and after pruning")
+    ax.legend(fontsize=7)
+    return save(fig, out, "magnitudes.png")
+
+
+def plot_finetune(out, path):
+    with open(path) as f:
+        results = json.load(f)
+    scores = results["scores"]
+    models, tasks = list(scores), list(next(iter(scores.values())))
+    fig, ax = plt.subplots(figsize=WIDTH)
+    width = 0.8 / len(models)
+    for i, model in enumerate(models):
+        means = [100 * np.mean(scores[model][t]) for t in tasks]
+        stds = [100 * np.std(scores[model][t], ddof=1) if len(scores[model][t]) > 1 else 0 for t in tasks]
+        x = np.arange(len(tasks)) + (i - (len(models) - 1) / 2) * width
+        ax.bar(x, means, width, yerr=stds, capsize=2, label=model)
+        dense = model.split("-sparse")[0] + "-dense"
+        if "-sparse" in model and dense in scores:
+            for xi, t, m in zip(x, tasks, means):
+                ax.text(xi, m + 1, f"{m / (100 * np.mean(scores[dense][t])):.0%}", ha="center", fontsize=6)
+    seeds = results["config"]["seeds"]
+    ax.set_xticks(range(len(tasks)), tasks)
+    ax.set(ylabel="test score (x100)", title=f"Fine-tuning, mean ± std over {seeds} seed(s); "
+                                              "% = recovery vs the dense counterpart")
+    ax.legend(fontsize=7)
+    return save(fig, out, "finetune.png")
+
+
+def plot_sparse_speed(out, path):
+    with open(path) as f:
+        rows = json.load(f)
+    fig, ax = plt.subplots(figsize=WIDTH)
+    for size in sorted({r["size"] for r in rows}):
+        for sparsity in sorted({r["sparsity"] for r in rows if r["size"] == size}):
+            pts = sorted((r["batch"], r["dense_ms"] / r["sparse_ms"]) for r in rows
+                         if r["size"] == size and r["sparsity"] == sparsity)
+            ax.plot(*zip(*pts), "o-", label=f"{size}, {sparsity:.0%} sparse")
+    ax.axhline(1.0, color="black", ls=":", label="1x (no gain)")
+    ax.set(xscale="log", xlabel="batch size (sequences of 128 tokens)", ylabel="speedup (dense ms / sparse ms)",
+           title="Sparse (CSR) against dense encoder inference on the CPU")
+    ax.legend(fontsize=7)
+    return save(fig, out, "sparse_speed.png")
+
+
+def save(fig, out, name):
+    fig.tight_layout()
+    path = os.path.join(out, name)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def main(run_dir):
+    out = os.path.join(run_dir, "figures")
+    os.makedirs(out, exist_ok=True)
+    written, skipped = [], []
+
+    def attempt(name, reason, draw):
+        (written.append(draw()) if reason is None else skipped.append(f"{name}: {reason}"))
+
+    general = load_run(os.path.join(run_dir, "general-dense"))
+    sparse_dirs = sorted(d for d in glob.glob(os.path.join(run_dir, "general-sparse*")) if load_run(d))
+    attempt("schedule", None if sparse_dirs else "no general-sparse*/ with config.json and record.jsonl (phase 2)",
+            lambda: plot_schedule(out, sparse_dirs[0]))
+    runs = {}
+    if general:
+        runs["general-dense"] = (0, *general)
+        for d in sparse_dirs[:1]:
+            runs[os.path.basename(d)] = (general[0]["dense_steps"], *load_run(d))
+        for d in sorted(glob.glob(os.path.join(run_dir, "bio-*"))):
+            bio = load_run(d)
+            if bio:
+                runs[os.path.basename(d)] = (general[0]["dense_steps"] + general[0]["prune_steps"], *bio)
+    attempt("loss", None if runs else "no general-dense/record.jsonl", lambda: plot_losses(out, runs))
+    with_ckpt = [d for d in sparse_dirs if os.path.exists(os.path.join(d, "ckpt.pt"))]
+    attempt("layer_sparsity", None if with_ckpt else "no general-sparse*/ckpt.pt",
+            lambda: plot_layer_sparsity(out, with_ckpt))
+    dense_ckpt = os.path.exists(os.path.join(run_dir, "general-dense", "ckpt.pt"))
+    attempt("magnitudes", None if dense_ckpt and with_ckpt else "needs general-dense/ and general-sparse*/ ckpt.pt",
+            lambda: plot_magnitudes(out, os.path.join(run_dir, "general-dense"), with_ckpt[0]))
+    results = os.path.join(run_dir, "finetune", "results.json")
+    attempt("finetune", None if os.path.exists(results) else f"no {results} (python finetune.py)",
+            lambda: plot_finetune(out, results))
+    bench = os.path.join(run_dir, "bench_sparse.json")
+    attempt("sparse_speed", None if os.path.exists(bench) else
+            f"no {bench} (python tests/bench_sparse.py --json {bench})", lambda: plot_sparse_speed(out, bench))
+    for path in written:
+        print(f"wrote {path}")
+    for line in skipped:
+        print(f"skipped {line}")
+    return written, skipped
+
+
+if __name__ == "__main__":
+    if len(sys.argv) != 2 or not os.path.isdir(sys.argv[1]):
+        raise SystemExit("usage: python -m tiny_sparse_bert.plots OUT_DIR   (the --out of the training scripts)")
+    main(sys.argv[1])
