@@ -10,11 +10,12 @@ pretraining is worth. Comparisons are fair by construction:
 - a result is the mean and spread of the test scores of `--seeds` runs at that recipe;
 - sparse-transfer distillation (`--distill-hardness`, Neural Magic's sparse-transfer recipes):
   each sparse model learns from its dense counterpart (bio-sparse90 from bio-dense), fine-tuned
-  first in the same run, at its own dev-selected recipe, with the same seed.
+  first in the same run, at its own dev-selected recipe, with the same seed. A grid such as
+  `--distill-hardness 0,1` lets dev decide whether distillation pays.
 
     python finetune.py                                   # the README's four models + random init
     python finetune.py --epochs 2,6 --lr 2e-4,6e-4 --seeds 3 --tasks ncbi_disease
-    python finetune.py --distill-hardness 1.0            # sparse models learn from their dense teachers
+    python finetune.py --distill-hardness 1              # sparse models learn from their dense teachers
     python finetune.py --tasks ner:my_data/,cls:other/   # your own data in our formats
     python finetune.py --prune-during-finetune 0.9       # ablation: GMP during fine-tuning only
     python finetune.py --preset tiny                     # seconds, for tests
@@ -54,7 +55,8 @@ class Config:
     seeds: int = 1                 # runs per (model, task, recipe); the table shows mean and std
     epochs: str = "2"              # a number, or a comma-separated grid searched on dev (e.g. 2,6)
     lr: str = "2e-4"               # a number, or a comma-separated grid searched on dev
-    distill_hardness: float = 0.0  # sparse models: weight of the soft loss from the dense teacher (1 = soft only)
+    distill_hardness: str = "0"    # sparse models: weight of the soft loss from the dense teacher (1 = soft
+                                   # only, 0 = none); a comma-separated grid is searched on dev too
     distill_temperature: float = 2.0
     batch_size: int = 32
     warmup: float = 0.1
@@ -77,22 +79,26 @@ PRESETS = {
 
 preset, cfg = parse_config(Config, PRESETS, __doc__.splitlines()[0])
 check_options(cfg, positive=("seeds", "batch_size", "max_len", "distill_temperature"),
-              non_negative=("max_train", "max_eval", "weight_decay"), fraction=("warmup", "distill_hardness"),
+              non_negative=("max_train", "max_eval", "weight_decay"), fraction=("warmup",),
               below_one=("dropout", "prune_during_finetune"))
 
 
 def grid(option, text):
-    """`--epochs 2,6` -> [2.0, 6.0]; every value must be a positive number."""
+    """`--epochs 2,6` -> [2.0, 6.0]; values must be positive (in [0, 1] for the hardness)."""
     try:
         values = [float(v) for v in text.split(",") if v.strip()]
     except ValueError:
         values = []
-    if not values or not all(v > 0 for v in values):
-        raise SystemExit(f"error: --{option} {text!r}: give a positive number or a comma-separated list of them")
+    ok = (lambda v: 0 <= v <= 1) if option == "distill-hardness" else (lambda v: v > 0)
+    if not values or not all(ok(v) for v in values):
+        what = "numbers in [0, 1]" if option == "distill-hardness" else "positive numbers"
+        raise SystemExit(f"error: --{option} {text!r}: give one or a comma-separated list of {what}")
     return values
 
 
 recipes = [(epochs, lr) for epochs in grid("epochs", cfg.epochs) for lr in grid("lr", cfg.lr)]
+hardness_grid = grid("distill-hardness", cfg.distill_hardness)
+distilling = any(h > 0 for h in hardness_grid)
 model_dirs = [m for m in cfg.models.split(",") if m]
 for directory in model_dirs:  # arguments first, before any data is read
     check_run_dir(directory, "--models", "train_general.py or train_bio.py")
@@ -186,7 +192,7 @@ def dense_counterpart(name):  # bio-sparse90 -> bio-dense, general-sparse90 -> g
     return f"{name.split('-sparse')[0]}-dense" if "-sparse" in name else None
 
 
-def finetune_run(task, mlm, sparse, encoded, n_labels, epochs, lr, seed, teacher=None):
+def finetune_run(task, mlm, sparse, encoded, n_labels, epochs, lr, seed, teacher=None, hardness=0.0):
     """Fine-tune one model once; return its dev-selected weights and scores (dev after every epoch)."""
     steps_per_epoch = max(1, len(encoded["train"]) // cfg.batch_size)
     steps = max(1, round(epochs * steps_per_epoch))
@@ -219,7 +225,7 @@ def finetune_run(task, mlm, sparse, encoded, n_labels, epochs, lr, seed, teacher
 
     train(model, make_optimizer(model, lr, cfg.weight_decay), batch_fn, steps, peak_lr=lr,
           warmup_steps=int(cfg.warmup * steps), ckpt_path=None, extra_state={}, pruner=pruner,
-          teacher=teacher, distill_alpha=cfg.distill_hardness, distill_temperature=cfg.distill_temperature,
+          teacher=teacher, distill_alpha=hardness, distill_temperature=cfg.distill_temperature,
           distill_kind=task.kind, eval_fn=select_on_dev, eval_every=steps_per_epoch, log_every=max(1, steps // 4),
           device=device, ddp_model=wrap_ddp(model, device, world), is_main=rank == 0, compile=cfg.compile, bf16=bf16)
     select_on_dev()
@@ -227,7 +233,8 @@ def finetune_run(task, mlm, sparse, encoded, n_labels, epochs, lr, seed, teacher
     if sparse:  # exactly the pretrained zeros, no more, no fewer
         assert all(torch.equal(w != 0, pruner.masks[n]) for n, w in pruner.params.items()), "mask changed"
     test = evaluate(model, task, encoded["test"], n_labels, best["threshold"])
-    run = {"epochs": epochs, "lr": lr, "seed": seed, "teacher": teacher is not None, "dev": best["dev"],
+    run = {"epochs": epochs, "lr": lr, "distill_hardness": hardness, "seed": seed, "teacher": teacher is not None,
+           "distill_temperature": cfg.distill_temperature if teacher is not None else None, "dev": best["dev"],
            "dev_curve": best["dev_curve"], "test": test[task.metric], "test_metrics": test}
     if pruner and not pruner.frozen:
         run["pruned_in_finetune"] = pruner.sparsity()
@@ -241,7 +248,7 @@ def as_teacher(task, mlm, n_labels, state):
     return teacher.eval().requires_grad_(False)
 
 
-results = {}   # model name -> task name -> {"recipe": (epochs, lr), "runs": [every run, every recipe]}
+results = {}   # model name -> task name -> {"recipe": (epochs, lr, hardness), "runs": [every run, every recipe]}
 info, kept_states = {}, {}  # kept_states[(dense model, task)] = its fine-tuned weights per seed (the teachers)
 encodings = {}  # encoded once per tokenizer and task (the checkpoints of one run share a tokenizer)
 names_in_run = [name for name, *_ in encoders]
@@ -250,12 +257,13 @@ for name, mlm, sparse, tokenizer in sorted(encoders, key=lambda e: e[2]):  # den
     nonzero = sum(int((w != 0).sum()) for w in weights)
     info[name] = {"sparse": sparse, "sparsity": 1 - nonzero / sum(w.numel() for w in weights), "nonzero": nonzero}
     results[name] = {}
-    is_teacher = cfg.distill_hardness > 0 and name in map(dense_counterpart, names_in_run)
-    teacher_name = dense_counterpart(name) if cfg.distill_hardness > 0 and sparse else None
+    is_teacher = distilling and name in map(dense_counterpart, names_in_run)
+    teacher_name = dense_counterpart(name) if distilling and sparse else None
     if teacher_name and teacher_name not in names_in_run:
         print(f"note: {name} is fine-tuned without distillation: its teacher {teacher_name} is not in --models")
         teacher_name = None
     info[name]["teacher"] = teacher_name
+    model_recipes = [(e, lr, h) for e, lr in recipes for h in (hardness_grid if teacher_name else [0.0])]
     for task in tasks:
         n_labels = len(labels[task.name])
         key = (tokenizer.to_str(), task.name)
@@ -265,23 +273,26 @@ for name, mlm, sparse, tokenizer in sorted(encoders, key=lambda e: e[2]):  # den
         encoded = encodings[key]
         teacher_states = kept_states[(teacher_name, task.name)] if teacher_name else None
         runs, states = [], {}
-        for epochs, lr in recipes:
+        for epochs, lr, hardness in model_recipes:
             for seed in range(cfg.seeds):
-                teacher = as_teacher(task, mlm, n_labels, teacher_states[seed]) if teacher_states else None
-                run, state = finetune_run(task, mlm, sparse, encoded, n_labels, epochs, lr, seed, teacher)
+                teacher = as_teacher(task, mlm, n_labels, teacher_states[seed]) if hardness > 0 else None
+                run, state = finetune_run(task, mlm, sparse, encoded, n_labels, epochs, lr, seed, teacher, hardness)
                 runs.append(run)
                 if is_teacher:
                     states[(epochs, lr, seed)] = state
-                print(f"{name} / {task.name} / {epochs:g} epochs, lr {lr:g}{', distilled' if teacher else ''} / "
+                print(f"{name} / {task.name} / {epochs:g} epochs, lr {lr:g}"
+                      f"{f', distilled (hardness {hardness:g})' if teacher else ''} / "
                       f"seed {seed}: dev {task.metric} {run['dev']:.4f}, "
                       + ", ".join(f"test {k} {v:.4f}" for k, v in run["test_metrics"].items()))
         # the recipe with the best mean dev score over the seeds; its test scores are the result
-        recipe = max(recipes, key=lambda r: statistics.mean(x["dev"] for x in runs if (x["epochs"], x["lr"]) == r))
+        def recipe_of(run):
+            return run["epochs"], run["lr"], run["distill_hardness"]
+        recipe = max(model_recipes, key=lambda r: statistics.mean(x["dev"] for x in runs if recipe_of(x) == r))
         for run in runs:
-            run["selected"] = (run["epochs"], run["lr"]) == recipe
+            run["selected"] = recipe_of(run) == recipe
         results[name][task.name] = {"recipe": recipe, "runs": runs}
         if is_teacher:
-            kept_states[(name, task.name)] = [states[(*recipe, seed)] for seed in range(cfg.seeds)]
+            kept_states[(name, task.name)] = [states[(*recipe[:2], seed)] for seed in range(cfg.seeds)]
     if sparse:
         info[name]["mask_unchanged"] = True  # checked after every run
     if cfg.prune_during_finetune > 0 and not sparse:
@@ -312,11 +323,11 @@ for name in names_in_run:
     rows.append([name, f"{info[name]['sparsity']:.0%}", f"{info[name]['nonzero']:,}"] + cells +
                 [f"{100 * average(name):.1f}", recovery])
 table = "\n".join("| " + " | ".join(r) + " |" for r in [header, ["---"] * len(header)] + rows)
-chosen = "\n".join(f"- {name}: " + ", ".join(f"{t} {e:g} epochs lr {lr:g}" for t, r in results[name].items()
-                                             for e, lr in [r["recipe"]])
-                   + (f"; distilled from {info[name]['teacher']}" if info[name].get("teacher") else "")
-                   for name in names_in_run)
-print(f"\n{table}\n\nrecipes selected on dev (grid: epochs {cfg.epochs}, lr {cfg.lr}):\n{chosen}")
+chosen = "\n".join(f"- {name}: " + ", ".join(
+    f"{t} {e:g} epochs lr {lr:g}" + (f" distilled from {info[name]['teacher']} (hardness {h:g})" if h else "")
+    for t, r in results[name].items() for e, lr, h in [r["recipe"]]) for name in names_in_run)
+print(f"\n{table}\n\nrecipes selected on dev (grid: epochs {cfg.epochs}, lr {cfg.lr}, distillation hardness "
+      f"{cfg.distill_hardness} for sparse models with their dense counterpart in --models):\n{chosen}")
 if rank != 0:
     sys.exit(0)
 os.makedirs(cfg.out, exist_ok=True)

@@ -126,17 +126,20 @@ def test_finetune_recipe_search_seeds_and_distillation(bio, mirror_data):
     models = ",".join(str(out / n) for n in ("bio-sparse90", "bio-dense"))  # the student first: order must not matter
     log = run_script(["finetune.py", "--preset", "tiny", "--data", mirror_data, "--models", models,
                       "--random-baseline", "false", "--tasks", "ncbi_disease,hoc", "--lr", "2e-4,1e-3",
-                      "--seeds", "2", "--distill-hardness", "1.0", "--out", str(out / "finetune-distill")])
+                      "--seeds", "2", "--distill-hardness", "0,1", "--out", str(out / "finetune-distill")])
     results = json.loads((out / "finetune-distill" / "results.json").read_text())
     assert results["models"]["bio-sparse90"]["teacher"] == "bio-dense" and results["models"]["bio-sparse90"]["mask_unchanged"]
     for name in ("bio-sparse90", "bio-dense"):
+        hardness = (0.0, 1.0) if name == "bio-sparse90" else (0.0,)
         for task, runs in results["runs"][name].items():
-            assert len(runs) == 4 and {(r["lr"], r["seed"]) for r in runs} == {(2e-4, 0), (2e-4, 1), (1e-3, 0), (1e-3, 1)}
-            assert all(r["teacher"] == (name == "bio-sparse90") and len(r["dev_curve"]) >= 1 for r in runs)
-            mean_dev = {lr: sum(r["dev"] for r in runs if r["lr"] == lr) / 2 for lr in (2e-4, 1e-3)}
-            assert results["recipes"][name][task][1] == max(mean_dev, key=mean_dev.get)
+            recipes = [(lr, h) for lr in (2e-4, 1e-3) for h in hardness]
+            assert sorted((r["lr"], r["distill_hardness"], r["seed"]) for r in runs) == sorted(
+                (lr, h, seed) for lr, h in recipes for seed in (0, 1))
+            assert all(r["teacher"] == (r["distill_hardness"] > 0) and len(r["dev_curve"]) >= 1 for r in runs)
+            mean_dev = {rc: sum(r["dev"] for r in runs if (r["lr"], r["distill_hardness"]) == rc) / 2 for rc in recipes}
+            assert tuple(results["recipes"][name][task][1:]) == max(mean_dev, key=mean_dev.get)
             assert results["scores"][name][task] == [r["test"] for r in runs if r["selected"]]
-    assert "distilled from bio-dense" in log and " ± " in log
+    assert "(hardness 1)" in log and " ± " in log
     from tiny_sparse_bert import plots
     path = plots.plot_finetune(str(out / "finetune-distill"), str(out / "finetune-distill" / "results.json"))
     assert os.path.getsize(path) > 10_000
