@@ -35,14 +35,14 @@ from dataclasses import asdict, dataclass, replace
 import numpy as np
 import torch
 
+from tiny_sparse_bert.config import check_options, check_run_dir, check_writable, parse_config
 from tiny_sparse_bert.data import load_tokenizer
 from tiny_sparse_bert.model import BertConfig, BertForMaskedLM, BertForSequenceClassification, BertForTokenClassification
 from tiny_sparse_bert.pruning import MagnitudePruner, prunable_parameters
 from tiny_sparse_bert.tasks import (best_threshold, collate, encode, entity_f1, f1_scores, get_task, label_list,
                                    load_splits, multilabel_f1)
-from tiny_sparse_bert.train import (autocast, check_options, check_run_dir, check_writable, load_checkpoint,
-                                    make_optimizer, parse_config, setup_distributed, to_device, train, use_bf16,
-                                    wrap_ddp)
+from tiny_sparse_bert.train import (autocast, load_checkpoint, make_optimizer, setup_distributed, to_device, train,
+                                    use_bf16, wrap_ddp)
 
 
 @dataclass

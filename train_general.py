@@ -23,12 +23,12 @@ from dataclasses import asdict, dataclass
 
 import torch
 
+from tiny_sparse_bert.config import check_options, check_resume_config, check_writable, parse_config, save_run_files
 from tiny_sparse_bert.data import (Blocks, corpus_files, load_tokenizer, tokenize_corpus, train_tokenizer,
                                    documents)
 from tiny_sparse_bert.model import BertConfig, BertForMaskedLM, count_parameters
 from tiny_sparse_bert.pruning import MagnitudePruner
-from tiny_sparse_bert.train import (append_record, barrier, check_options, check_resume_config, check_writable, evaluate_mlm,
-                                    make_optimizer, mlm_batch, parse_config, resume, save_run_files,
+from tiny_sparse_bert.train import (append_record, barrier, evaluate_mlm, make_optimizer, mlm_batch, resume,
                                     setup_distributed, train, use_bf16, unigram_log_probs, wrap_ddp)
 
 

@@ -1,5 +1,4 @@
 import os
-import re
 import signal
 
 import numpy as np
@@ -199,35 +198,6 @@ def test_damaged_checkpoint_is_a_one_line_error(tmp_path, content):
     torch.save({"something": 1}, path)  # a readable file that is not one of our checkpoints
     with pytest.raises(SystemExit, match="not a checkpoint of this project"):
         load_checkpoint(str(path))
-
-
-def test_options_are_checked_at_start_up():
-    from dataclasses import dataclass
-    from tiny_sparse_bert.train import check_options, parse_config, pick_device
-
-    @dataclass
-    class Config:
-        steps: int = 10
-        final_sparsity: float = 0.9
-        resume: bool = False
-    for argv, message in ((["--final-sparsity", "1.5"], "--final-sparsity 1.5: must be in [0, 1)"),
-                          (["--final-sparsity", "-0.1"], "--final-sparsity -0.1: must be in [0, 1)"),
-                          (["--final-sparsity", "nan"], "--final-sparsity nan: must be in [0, 1)"),
-                          (["--steps", "0"], "--steps 0: must be > 0"), (["--steps", "-4"], "--steps -4: must be > 0")):
-        _, cfg = parse_config(Config, {"default": {}}, "", argv)
-        with pytest.raises(SystemExit, match=re.escape(message)):
-            check_options(cfg, positive=("steps",), below_one=("final_sparsity",))
-    for word, value in (("true", True), ("ON", True), ("1", True), ("yes", True), ("no", False), ("off", False),
-                        ("0", False), ("False", False)):
-        assert parse_config(Config, {"default": {}}, "", ["--resume", word])[1].resume is value
-    assert parse_config(Config, {"default": {}}, "", ["--resume"])[1].resume is True
-    for typo in ("ture", "y", "2", ""):
-        with pytest.raises(SystemExit) as e:
-            parse_config(Config, {"default": {}}, "", ["--resume", typo])
-        assert e.value.code == 2  # argparse's usage error, nothing started
-    for name in ("gpu", "cuda0", "tpu"):
-        with pytest.raises(SystemExit, match="use auto, cpu, cuda or cuda:N"):
-            pick_device(name)
 
 
 # ---------------------------------------------------------------------------------- distillation

@@ -12,15 +12,13 @@ optimizer, masks, step, RNG state, configs (`resume` loads them). Batches are a 
 the step, so the data position is the step. Ctrl-C saves a checkpoint and exits; a non-finite loss stops the run
 and leaves the last good checkpoint in place.
 """
-import argparse
 import errno
 import json
 import os
 import signal
-import tempfile
 import time
 from contextlib import nullcontext
-from dataclasses import asdict, fields, replace
+from dataclasses import asdict
 
 import numpy as np
 import torch
@@ -233,47 +231,6 @@ def all_finite(tensors):
     """True when every floating-point tensor in the list is free of NaN and infinity (one sync)."""
     floats = [t for t in tensors if torch.is_tensor(t) and t.is_floating_point()]
     return not floats or bool(torch.stack([torch.isfinite(t).all() for t in floats]).all())
-
-
-def check_resume_config(path, config, ignore, steps_field):
-    """Compare the settings stored in checkpoint `path` with `config` before resuming it.
-
-    Bookkeeping (`ignore`) may change freely. A finished phase must not change at all: the models
-    built on it (the next phase, the biomedical runs) would be stale, and the checkpoint's config
-    would describe a model it does not hold; that is refused. An unfinished phase may go on with
-    new settings (a lower --lr after a NaN, say): the changes are printed, and saved from then on.
-    """
-    ckpt = load_checkpoint(path)
-    stored = ckpt.get("run_config", {})
-    changed = {k: (stored.get(k), v) for k, v in asdict(config).items() if k not in ignore and stored.get(k) != v}
-    if not changed:
-        return
-    what = ", ".join(f"--{k.replace('_', '-')} {a} -> {b}" for k, (a, b) in changed.items())
-    if ckpt["step"] >= stored.get(steps_field, 0):
-        raise SystemExit(f"error: {path} is finished, with other settings ({what}); resume with the stored "
-                         f"settings, or start over with --overwrite")
-    print(f"note: resuming {path} at step {ckpt['step']} with changed settings: {what}")
-
-
-def check_run_dir(directory, option, written_by):
-    """A directory written by a training script (ckpt.pt and tokenizer.json), or a one-line error."""
-    if os.path.isfile(directory):
-        raise SystemExit(f"error: {option} {directory} is a file; give the directory that holds it "
-                         f"({os.path.dirname(directory) or '.'}), written by {written_by}")
-    for name in ("ckpt.pt", "tokenizer.json"):
-        if not os.path.exists(os.path.join(directory, name)):
-            raise SystemExit(f"error: {option} {directory}: no {name} there; such a directory is written by "
-                             f"{written_by} (run it first, or check the path)")
-
-
-def check_writable(directory):
-    """Fail now, not after an hour of training, if results cannot be written to `directory`."""
-    try:
-        os.makedirs(directory, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=directory):
-            pass
-    except OSError as e:
-        raise SystemExit(f"error: cannot write to {directory}: {e.strerror or e} (choose another --out)") from None
 
 
 def resume(path, model, optimizer, pruner=None, written_by="train_general.py or train_bio.py"):
@@ -498,60 +455,3 @@ def train(model, optimizer, batch_fn, steps, *, peak_lr, warmup_steps, ckpt_path
         bar.close()
     check_finite()
     checkpoint(steps)
-
-
-# ---------------------------------------------------------------------------------- script config
-
-def parse_bool(text):
-    """A boolean option: true/false, yes/no, on/off, 1/0. Anything else is refused: a typo such as
-    `--resume ture` must not quietly mean false (and restart over the run it meant to continue)."""
-    value = text.lower()
-    if value in ("1", "true", "yes", "on"):
-        return True
-    if value in ("0", "false", "no", "off"):
-        return False
-    raise argparse.ArgumentTypeError(f"{text!r} is not a boolean: use true/false, yes/no, on/off or 1/0")
-
-
-def parse_config(config_cls, presets, description, argv=None):
-    """A script's config: the dataclass defaults, then a named preset, then command-line overrides.
-
-    Every dataclass field becomes `--field-name`; `--help` lists them with their defaults.
-    """
-    defaults = config_cls()
-    parser = argparse.ArgumentParser(description=description)
-    parser.add_argument("--preset", choices=list(presets), default="default",
-                        help="named sizes: " + "; ".join(f"{k}: {v}" for k, v in presets.items() if v))
-    for f in fields(config_cls):
-        kind = type(getattr(defaults, f.name))
-        extra = dict(nargs="?", const=True) if kind is bool else {}  # `--resume` alone means true
-        parser.add_argument("--" + f.name.replace("_", "-"), type=parse_bool if kind is bool else kind, default=None,
-                            metavar=kind.__name__.upper(), help=f"default {getattr(defaults, f.name)!r}", **extra)
-    args = parser.parse_args(argv)
-    config = replace(defaults, **presets[args.preset])
-    overrides = {f.name: getattr(args, f.name) for f in fields(config_cls) if getattr(args, f.name) is not None}
-    config = replace(config, **overrides)
-    return args.preset, config
-
-
-def check_options(config, positive=(), non_negative=(), fraction=(), below_one=()):
-    """One-line errors for options out of range, checked at start-up, before any work is done.
-
-    positive: > 0 (sizes, steps, learning rates); non_negative: >= 0; fraction: in [0, 1];
-    below_one: in [0, 1) (sparsities, dropout: 1 would remove everything).
-    """
-    rules = [(positive, lambda v: v > 0, "> 0"), (non_negative, lambda v: v >= 0, ">= 0"),
-             (fraction, lambda v: 0 <= v <= 1, "in [0, 1]"), (below_one, lambda v: 0 <= v < 1, "in [0, 1)")]
-    for names, ok, what in rules:
-        for name in names:
-            value = getattr(config, name)
-            if not ok(value):  # written as `not ok`, so that NaN is refused too
-                raise SystemExit(f"error: --{name.replace('_', '-')} {value}: must be {what}")
-
-
-def save_run_files(directory, tokenizer, config):
-    """Next to ckpt.pt: the tokenizer and the resolved run config, so a directory is self-contained."""
-    os.makedirs(directory, exist_ok=True)
-    tokenizer.save(os.path.join(directory, "tokenizer.json"))
-    with open(os.path.join(directory, "config.json"), "w") as f:
-        json.dump(asdict(config), f, indent=2)

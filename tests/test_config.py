@@ -1,0 +1,64 @@
+"""Script configuration: options, range checks, resume and run-directory checks (one-line errors)."""
+import re
+from dataclasses import dataclass
+
+import pytest
+
+from tiny_sparse_bert.config import (check_options, check_resume_config, check_run_dir, check_writable,
+                                     parse_config)
+from tiny_sparse_bert.train import pick_device, save_checkpoint
+
+
+@dataclass
+class Config:
+    steps: int = 10
+    final_sparsity: float = 0.9
+    lr: float = 1e-3
+    log_every: int = 50
+    resume: bool = False
+
+
+def test_options_are_checked_at_start_up():
+    for argv, message in ((["--final-sparsity", "1.5"], "--final-sparsity 1.5: must be in [0, 1)"),
+                          (["--final-sparsity", "-0.1"], "--final-sparsity -0.1: must be in [0, 1)"),
+                          (["--final-sparsity", "nan"], "--final-sparsity nan: must be in [0, 1)"),
+                          (["--steps", "0"], "--steps 0: must be > 0"), (["--steps", "-4"], "--steps -4: must be > 0")):
+        _, cfg = parse_config(Config, {"default": {}}, "", argv)
+        with pytest.raises(SystemExit, match=re.escape(message)):
+            check_options(cfg, positive=("steps",), below_one=("final_sparsity",))
+    for word, value in (("true", True), ("ON", True), ("1", True), ("yes", True), ("no", False), ("off", False),
+                        ("0", False), ("False", False)):
+        assert parse_config(Config, {"default": {}}, "", ["--resume", word])[1].resume is value
+    assert parse_config(Config, {"default": {}}, "", ["--resume"])[1].resume is True
+    for typo in ("ture", "y", "2", ""):
+        with pytest.raises(SystemExit) as e:
+            parse_config(Config, {"default": {}}, "", ["--resume", typo])
+        assert e.value.code == 2  # argparse's usage error, nothing started
+    for name in ("gpu", "cuda0", "tpu"):
+        with pytest.raises(SystemExit, match="use auto, cpu, cuda or cuda:N"):
+            pick_device(name)
+
+
+def test_resume_refuses_changes_to_a_finished_run_and_reports_them_on_an_unfinished_one(tmp_path, capsys):
+    path = str(tmp_path / "ckpt.pt")
+    stored = Config()
+    save_checkpoint(path, model={}, run_config=stored.__dict__, step=10)  # finished: step == steps
+    check_resume_config(path, Config(log_every=5, resume=True), ("log_every", "resume"), "steps")  # bookkeeping
+    with pytest.raises(SystemExit, match=re.escape("is finished, with other settings (--steps 10 -> 40)")):
+        check_resume_config(path, Config(steps=40), ("resume",), "steps")
+    save_checkpoint(path, model={}, run_config=stored.__dict__, step=4)  # interrupted at step 4
+    check_resume_config(path, Config(lr=1e-4), ("resume",), "steps")
+    assert "resuming " + path + " at step 4 with changed settings: --lr 0.001 -> 0.0001" in capsys.readouterr().out
+
+
+def test_run_directory_and_output_checks(tmp_path):
+    (tmp_path / "run").mkdir()
+    with pytest.raises(SystemExit, match="no ckpt.pt there; such a directory is written by train_general.py"):
+        check_run_dir(str(tmp_path / "run"), "--init", "train_general.py")
+    (tmp_path / "run" / "ckpt.pt").write_bytes(b"")
+    with pytest.raises(SystemExit, match="is a file; give the directory that holds it"):
+        check_run_dir(str(tmp_path / "run" / "ckpt.pt"), "--init", "train_general.py")
+    with pytest.raises(SystemExit, match="cannot write to"):
+        check_writable(str(tmp_path / "run" / "ckpt.pt" / "out"))
+    check_writable(str(tmp_path / "new" / "out"))
+    assert (tmp_path / "new" / "out").is_dir()
