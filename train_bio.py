@@ -28,7 +28,8 @@ from tiny_sparse_bert.data import Blocks, corpus_files, load_tokenizer, tokenize
 from tiny_sparse_bert.model import BertConfig, BertForMaskedLM
 from tiny_sparse_bert.pruning import MagnitudePruner
 from tiny_sparse_bert.train import (append_record, barrier, evaluate_mlm, load_checkpoint, make_optimizer, mlm_batch,
-                                    resume, setup_distributed, train, use_bf16, unigram_log_probs, wrap_ddp)
+                                    resume, setup_distributed, static_predictions, train, unigram_log_probs, use_bf16,
+                                    wrap_ddp)
 
 
 @dataclass
@@ -51,20 +52,22 @@ class Config:
     seed: int = 0
     device: str = "auto"           # auto | cpu | cuda
     compile: bool = False         # torch.compile the model (worth it on a GPU)
+    static_mlm: bool = False       # a fixed number of MLM predictions per batch: static shapes for --compile
     precision: str = "auto"        # auto (bf16 on CUDA and AMX CPUs, else fp32) | bf16 | fp32
     resume: bool = False           # continue the run in --out (after Ctrl-C, a crash, a NaN)
     overwrite: bool = False        # start over, replacing the run in --out (it is refused otherwise)
 
 
 # what may change when resuming a finished run (check_resume_config)
-BOOKKEEPING = ("out", "eval_batches", "eval_every", "log_every", "ckpt_every", "device", "compile", "precision",
-               "resume", "overwrite")
+BOOKKEEPING = ("out", "eval_batches", "eval_every", "log_every", "ckpt_every", "device", "compile", "static_mlm",
+               "precision", "resume", "overwrite")
 
 PRESETS = {
     "default": {},
     "tiny": dict(max_docs=300, seq_len=64, batch_size=8, steps=20, eval_batches=2, eval_every=0, log_every=10,
                  ckpt_every=10),
     "gpu": dict(batch_size=128, steps=3000, eval_every=1000),
+    "base": dict(batch_size=256, lr=3e-4, steps=3000, eval_every=1000, ckpt_every=1000),  # as train_general's
 }
 
 preset, cfg = parse_config(Config, PRESETS, __doc__.splitlines()[0])
@@ -143,13 +146,15 @@ optimizer = make_optimizer(model, cfg.lr, cfg.weight_decay)
 start = resume(ckpt_path, model, optimizer, written_by="train_bio.py") if cfg.resume and os.path.exists(ckpt_path) else 0
 print(f"\ncontinued MLM pretraining: {cfg.steps} steps of {cfg.batch_size} x {cfg.seq_len} tokens, lr {cfg.lr}")
 t_train = time.time()
-train(model, optimizer, lambda step: mlm_batch(blocks, step, cfg.mlm_prob, vocab_size, cfg.seed, rank, world), cfg.steps,
+max_predictions = static_predictions(cfg.batch_size // world, cfg.seq_len, cfg.mlm_prob) if cfg.static_mlm else 0
+train(model, optimizer, lambda step: mlm_batch(blocks, step, cfg.mlm_prob, vocab_size, cfg.seed, rank, world,
+                                               max_predictions), cfg.steps,
       peak_lr=cfg.lr, warmup_steps=int(cfg.warmup * cfg.steps), ckpt_path=ckpt_path,
       extra_state=dict(model_config=asdict(model_config), run_config=asdict(cfg), phase="bio", init=cfg.init,
                        tokenizer="tokenizer.json"),
       start_step=start, pruner=pruner, eval_fn=lambda step: evaluate(model, "bio", step), eval_every=cfg.eval_every,
       log_every=cfg.log_every, ckpt_every=cfg.ckpt_every, device=device, ddp_model=ddp_model, is_main=rank == 0,
-      compile=cfg.compile, bf16=bf16, record_path=record_path)
+      compile=cfg.compile, static_shapes=cfg.static_mlm, bf16=bf16, record_path=record_path)
 if rank == 0:
     save_run_files(out_dir, tokenizer, cfg)
 

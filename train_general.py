@@ -29,7 +29,8 @@ from tiny_sparse_bert.data import (Blocks, corpus_files, load_tokenizer, tokeniz
 from tiny_sparse_bert.model import BertConfig, BertForMaskedLM, count_parameters
 from tiny_sparse_bert.pruning import MagnitudePruner
 from tiny_sparse_bert.train import (append_record, barrier, evaluate_mlm, make_optimizer, mlm_batch, resume,
-                                    setup_distributed, train, use_bf16, unigram_log_probs, wrap_ddp)
+                                    setup_distributed, static_predictions, train, unigram_log_probs, use_bf16,
+                                    wrap_ddp)
 
 
 @dataclass
@@ -73,6 +74,7 @@ class Config:
     seed: int = 0
     device: str = "auto"           # auto | cpu | cuda
     compile: bool = False         # torch.compile the model (worth it on a GPU)
+    static_mlm: bool = False       # a fixed number of MLM predictions per batch: static shapes for --compile
     precision: str = "auto"        # auto (bf16 on CUDA and AMX CPUs, else fp32) | bf16 | fp32
     resume: bool = False           # continue the run in --out (after Ctrl-C, a crash, a NaN)
     overwrite: bool = False        # start over, replacing the run in --out (it is refused otherwise)
@@ -80,8 +82,8 @@ class Config:
 
 # What may change when resuming a finished phase: bookkeeping, and for phase 1 the settings of phase 2
 # (check_resume_config; an unfinished phase may change more, and says so).
-BOOKKEEPING = ("out", "eval_batches", "eval_every", "log_every", "ckpt_every", "device", "compile", "precision",
-               "resume", "overwrite")
+BOOKKEEPING = ("out", "eval_batches", "eval_every", "log_every", "ckpt_every", "device", "compile", "static_mlm",
+               "precision", "resume", "overwrite")
 PHASE2 = ("prune_steps", "prune_lr", "final_sparsity", "prune_begin", "prune_end", "prune_every", "global_pruning",
           "distill", "distill_temperature")
 
@@ -92,6 +94,10 @@ PRESETS = {
                  log_every=10, ckpt_every=10),
     "gpu": dict(n_layer=6, hidden=512, n_head=8, intermediate=2048, batch_size=128, dense_steps=6000,
                 prune_steps=4000, eval_every=1000),
+    # the paper's BERT-base (L12 H768 A12 I3072), batch 256 x 128; steps sized from a FLOP estimate
+    # (tests/bench_gpu.py: 1.8e13 FLOP per step, ~50 ms at 35% MFU of an H100), not yet measured
+    "base": dict(n_layer=12, hidden=768, n_head=12, intermediate=3072, batch_size=256, lr=5e-4, prune_lr=3e-4,
+                 dense_steps=12000, prune_steps=6000, eval_every=2000, ckpt_every=1000),
 }
 
 preset, cfg = parse_config(Config, PRESETS, __doc__.splitlines()[0])
@@ -169,8 +175,11 @@ def evaluate(model, domain="general", step=None, record=None):
     return f"{domain} MLM loss {r['loss']:.3f} (unigram {r['unigram']:.3f}) acc {r['acc']:.1%}"
 
 
+max_predictions = static_predictions(cfg.batch_size // world, cfg.seq_len, cfg.mlm_prob) if cfg.static_mlm else 0
+
+
 def batch_fn(step):
-    return mlm_batch(blocks, step, cfg.mlm_prob, cfg.vocab_size, cfg.seed, rank, world)
+    return mlm_batch(blocks, step, cfg.mlm_prob, cfg.vocab_size, cfg.seed, rank, world, max_predictions)
 
 
 # %% 3) model
@@ -192,7 +201,7 @@ train(model, optimizer, batch_fn, cfg.dense_steps, peak_lr=cfg.lr, warmup_steps=
       ckpt_path=dense_ckpt, extra_state=dict(state, phase="dense"), start_step=start,
       eval_fn=lambda step: evaluate(model, "general", step, dense_record), eval_every=cfg.eval_every,
       log_every=cfg.log_every, ckpt_every=cfg.ckpt_every, device=device, ddp_model=ddp_model, is_main=rank == 0,
-      compile=cfg.compile, bf16=bf16, record_path=dense_record)
+      compile=cfg.compile, static_shapes=cfg.static_mlm, bf16=bf16, record_path=dense_record)
 dense_minutes = (time.time() - t_phase) / 60
 if rank == 0:
     save_run_files(dense_dir, tokenizer, cfg)
@@ -219,7 +228,7 @@ train(model, optimizer, batch_fn, cfg.prune_steps, peak_lr=cfg.prune_lr,
       distill_alpha=cfg.distill, distill_temperature=cfg.distill_temperature,
       eval_fn=lambda step: evaluate(model, "general", step, sparse_record), eval_every=cfg.eval_every,
       log_every=cfg.log_every, ckpt_every=cfg.ckpt_every, device=device, ddp_model=ddp_model, is_main=rank == 0,
-      compile=cfg.compile, bf16=bf16, record_path=sparse_record)
+      compile=cfg.compile, static_shapes=cfg.static_mlm, bf16=bf16, record_path=sparse_record)
 sparse_minutes = (time.time() - t_phase) / 60
 if rank == 0:
     save_run_files(sparse_dir, tokenizer, cfg)

@@ -242,3 +242,54 @@ def test_the_teacher_gets_no_gradient_and_does_not_change(tmp_path):
     assert all(p.grad is None for p in teacher.parameters())
     assert all(torch.equal(before[k], v) for k, v in teacher.state_dict().items())
     assert not torch.equal(before["decoder_bias"], model.decoder_bias)  # the student did learn
+
+
+def test_static_shape_mlm_head_gives_the_dynamic_loss():
+    """mlm_batch(max_predictions=N): the same N positions every batch (padded with [CLS], label
+    ignored), for torch.compile / CUDA graphs; loss and gradients equal the dynamic head's."""
+    from tiny_sparse_bert.train import static_predictions
+    blocks = Blocks(TOKENS, 32, 4, seed=0)
+    n = static_predictions(4, 32, 0.4)
+    assert n > 0.4 * 4 * 32
+    torch.manual_seed(0)
+    model = BertForMaskedLM(CFG).eval()  # no dropout: both paths see the same computation
+    for step in range(3):
+        dynamic = mlm_batch(blocks, step, 0.4, 100, 0)
+        static = mlm_batch(blocks, step, 0.4, 100, 0, max_predictions=n)
+        assert static["predict"].shape == (n,)
+        assert all(torch.equal(dynamic[k], static[k]) for k in dynamic)
+        losses, grads = [], []
+        for batch in (dynamic, static):
+            model.zero_grad()
+            _, loss = model(**batch)
+            loss.backward()
+            losses.append(loss.detach())
+            grads.append(model.bert.layers[-1].inter.weight.grad.clone())
+        assert torch.allclose(losses[0], losses[1], atol=1e-6) and torch.allclose(grads[0], grads[1], atol=1e-6)
+    few = mlm_batch(blocks, 0, 0.4, 100, 0, max_predictions=5)  # fewer slots than targets: the rest are dropped
+    assert few["predict"].shape == (5,) and model(**few)[1].isfinite()
+
+
+def test_bench_gpu_runs_on_a_cpu_as_a_smoke_test():
+    import subprocess
+    import sys
+    from conftest import ROOT
+    r = subprocess.run([sys.executable, "tests/bench_gpu.py", "--preset", "tiny", "--steps", "2", "--warmup", "1"],
+                       cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    rows = [line for line in r.stdout.splitlines() if line.startswith("| eager")]
+    assert len(rows) == 2 and all(float(row.split("|")[2]) > 0 for row in rows)
+
+
+def test_train_flops_of_bert_base_match_the_6nd_rule():
+    """Kaplan et al.'s 6 x parameters x tokens, for the matmul weights, plus attention and the head."""
+    import importlib.util
+    from conftest import ROOT
+    spec = importlib.util.spec_from_file_location("bench_gpu", os.path.join(ROOT, "tests", "bench_gpu.py"))
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    L, H, I, V, B, T = 12, 768, 3072, 8192, 256, 128
+    P = B * T  # every position predicted: nothing skipped
+    weights = L * (4 * H * H + 2 * H * I) + H * H + H * V
+    attention = 3 * B * T * L * 4 * T * H
+    assert bench.train_flops(L, H, I, V, B, T, P) == 6 * weights * B * T + attention

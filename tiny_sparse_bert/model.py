@@ -163,7 +163,10 @@ class Layer(nn.Module):
         return self.out(F.gelu(self.inter(x)))  # exact (erf) GELU, as in BERT
 
     def forward(self, x, attn_mask, select=None):
-        """(B, T, C) -> (B, T, C); with `select` (B, T) bool, only those positions come out: (N, C).
+        """(B, T, C) -> (B, T, C); with `select`, only those positions come out: (N, C).
+
+        `select` is a (B, T) bool mask (N varies from batch to batch), or N flat indices into the
+        B x T positions (a fixed N: the static shapes that torch.compile and CUDA graphs need).
 
         Every position still serves as a key and value, but everything after attention (output
         projection, residuals, LayerNorms, feed-forward) works per position, so it can skip the
@@ -172,14 +175,19 @@ class Layer(nn.Module):
         if self.pre_norm:  # x + f(LN(x)) (Xiong et al. 2020)
             a = self.attention(self.attn_norm(x), attn_mask)
             if select is not None:
-                x, a = x[select], a[select]
+                x, a = pick(x, select), pick(a, select)
             x = x + self.drop(a)
             return x + self.drop(self.feed_forward(self.out_norm(x)))
         a = self.attention(x, attn_mask)
         if select is not None:
-            x, a = x[select], a[select]
+            x, a = pick(x, select), pick(a, select)
         x = self.attn_norm(x + self.drop(a))  # LN(x + f(x)), BERT
         return self.out_norm(x + self.drop(self.feed_forward(x)))
+
+
+def pick(x, select):
+    """The rows of x (B, T, C) at `select`: a (B, T) bool mask, or flat indices into B x T. -> (N, C)"""
+    return x[select] if select.dtype == torch.bool else x.flatten(0, 1)[select]
 
 
 def alibi_slopes(n_head):
@@ -253,8 +261,13 @@ class BertForMaskedLM(nn.Module):
         self.decoder_bias = nn.Parameter(torch.zeros(config.vocab_size))  # own bias, tied weight
         init_weights(self, config.initializer_range)
 
-    def forward(self, input_ids, attention_mask=None, token_type_ids=None, labels=None):
-        if labels is None:
+    def forward(self, input_ids, attention_mask=None, token_type_ids=None, labels=None, predict=None):
+        """Logits and loss. `predict` (N,), optional: the flat positions to predict, a fixed number
+        per batch (`train.mlm_batch(max_predictions=N)`), padded with positions labelled IGNORE_INDEX."""
+        if predict is not None:  # static shape: the same N every batch, so no data-dependent sizes
+            x = self.bert(input_ids, attention_mask, token_type_ids, select=predict)  # (N, C)
+            labels = labels.flatten()[predict]  # (N,), IGNORE_INDEX at the padding
+        elif labels is None:
             x = self.bert(input_ids, attention_mask, token_type_ids)  # (B, T, C)
         else:
             # only 15-40% of positions carry a label: the last layer and the head, the vocabulary
@@ -264,7 +277,7 @@ class BertForMaskedLM(nn.Module):
             labels = labels[selected]  # (N,)
         x = self.transform_norm(F.gelu(self.transform(x)))
         logits = F.linear(x, self.bert.emb.word.weight, self.decoder_bias)  # (N, V) or (B, T, V)
-        loss = F.cross_entropy(logits, labels) if labels is not None else None
+        loss = F.cross_entropy(logits, labels, ignore_index=IGNORE_INDEX) if labels is not None else None
         return logits, loss
 
 

@@ -14,6 +14,7 @@ and leaves the last good checkpoint in place.
 """
 import errno
 import json
+import math
 import os
 import signal
 import time
@@ -123,11 +124,15 @@ def linear_warmup_decay(step, peak_lr, warmup_steps, total_steps):
 
 
 def make_optimizer(model, lr, weight_decay, betas=(0.9, 0.98), eps=1e-6):
-    """AdamW; weight decay on matrices only, none on 1-D parameters (biases, LayerNorms), as BERT."""
+    """AdamW; weight decay on matrices only, none on 1-D parameters (biases, LayerNorms), as BERT.
+
+    On CUDA the fused kernel: one launch for all parameters instead of several per tensor.
+    """
     decay = [p for p in model.parameters() if p.dim() >= 2]
     no_decay = [p for p in model.parameters() if p.dim() < 2]
+    fused = next(model.parameters()).is_cuda or None  # None: PyTorch's default (foreach) elsewhere
     return torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay},
-                              {"params": no_decay, "weight_decay": 0.0}], lr=lr, betas=betas, eps=eps)
+                              {"params": no_decay, "weight_decay": 0.0}], lr=lr, betas=betas, eps=eps, fused=fused)
 
 
 # ---------------------------------------------------------------------------------- MLM batches and eval
@@ -135,17 +140,31 @@ def make_optimizer(model, lr, weight_decay, betas=(0.9, 0.98), eps=1e-6):
 EVAL_MLM_PROB = 0.15  # held-out MLM is always measured with BERT's masking rate
 
 
-def mlm_batch(blocks, step, mlm_prob, vocab_size, seed, rank=0, world=1):
+def mlm_batch(blocks, step, mlm_prob, vocab_size, seed, rank=0, world=1, max_predictions=0):
     """The masked batch of a step; the masking RNG is seeded by (seed, step), so resume needs no state.
 
     Under torchrun every rank draws the same global batch and masks (cheap), then keeps its own
     interleaved rows: together the ranks see exactly the batch a single process would.
+    With `max_predictions` N > 0 the batch also holds `predict`: the flat positions of its masked
+    tokens, padded to exactly N with position 0 ([CLS], never a target), so the MLM head has the
+    same shape at every step (`static_predictions` sizes N so that a batch almost never has more).
     """
     x, attention_mask = blocks.batch(step)
     g = torch.Generator().manual_seed(seed * 1_000_003 + step)
     x, labels = mask_tokens(x, attention_mask, mlm_prob, vocab_size, g)
     assert len(x) % world == 0, f"batch size {len(x)} is not divisible by {world} processes"
-    return {"input_ids": x[rank::world], "attention_mask": attention_mask[rank::world], "labels": labels[rank::world]}
+    batch = {"input_ids": x[rank::world], "attention_mask": attention_mask[rank::world], "labels": labels[rank::world]}
+    if max_predictions:
+        targets = (batch["labels"] != IGNORE_INDEX).flatten().nonzero().squeeze(1)[:max_predictions]
+        batch["predict"] = torch.cat([targets, torch.zeros(max_predictions - len(targets), dtype=torch.long)])
+    return batch
+
+
+def static_predictions(batch_size, seq_len, mlm_prob):
+    """A fixed number of MLM predictions per batch: the mean number of masked tokens + 6 standard
+    deviations (binomial), so that a batch has more (and loses the excess) about once in 10^9."""
+    n = batch_size * seq_len
+    return math.ceil(n * mlm_prob + 6 * math.sqrt(n * mlm_prob * (1 - mlm_prob)))
 
 
 def unigram_log_probs(train_tokens, vocab_size):
@@ -325,7 +344,7 @@ class NonFiniteLoss(SystemExit):
 def train(model, optimizer, batch_fn, steps, *, peak_lr, warmup_steps, ckpt_path, extra_state,
           pruner=None, teacher=None, distill_temperature=2.0, distill_alpha=0.5, distill_kind="mlm", clip_norm=1.0,
           eval_fn=None, eval_every=0, log_every=50, ckpt_every=500, start_step=0, device=None,
-          ddp_model=None, is_main=True, compile=False, bf16=False, record_path=None):
+          ddp_model=None, is_main=True, compile=False, static_shapes=False, bf16=False, record_path=None):
     """Run steps [start_step, steps) of AdamW on `batch_fn(step)` batches; save to `ckpt_path`.
 
     `extra_state` (configs, tokenizer path, ...) is stored in every checkpoint. With `teacher`
@@ -333,7 +352,9 @@ def train(model, optimizer, batch_fn, steps, *, peak_lr, warmup_steps, ckpt_path
     + distill_alpha x `distillation_loss` of kind `distill_kind` (Hinton et al. 2015; Sanh et al.
     2019; distill_alpha is SparseML's "hardness": 1.0 trains on the soft targets alone). `ddp_model` is the
     DistributedDataParallel wrapper of `model` when running under torchrun. `compile` runs the
-    forward and backward through torch.compile (dynamic shapes: the number of masked positions varies).
+    forward and backward through torch.compile: with dynamic shapes (the number of masked positions
+    varies), or, with `static_shapes` (batches from `mlm_batch(max_predictions=N)`), one fixed graph,
+    replayed as a CUDA graph on a GPU (mode "reduce-overhead": no per-kernel launch cost).
     `eval_fn(step)` returns a line to print. With `record_path`, every log line and mask update is
     also appended to that JSON-lines record (a resumed run first drops what came after its step).
 
@@ -345,7 +366,8 @@ def train(model, optimizer, batch_fn, steps, *, peak_lr, warmup_steps, ckpt_path
     device = device or next(model.parameters()).device
     forward = ddp_model or model
     if compile:
-        forward = torch.compile(forward, dynamic=True)
+        mode = "reduce-overhead" if static_shapes and device.type == "cuda" else None
+        forward = torch.compile(forward, dynamic=not static_shapes, mode=mode)
     model.train()
     if is_main and start_step > 0:
         trim_record(record_path, start_step)
