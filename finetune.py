@@ -241,6 +241,10 @@ def finetune_run(task, mlm, sparse, encoded, n_labels, epochs, lr, seed, teacher
     return run, best["state"]
 
 
+def recipe_of(run):
+    return run["epochs"], run["lr"], run["distill_hardness"]
+
+
 def as_teacher(task, mlm, n_labels, state):
     """A frozen copy of a fine-tuned dense model, in eval mode (no dropout in its soft targets)."""
     teacher = head_model(task, mlm, n_labels)
@@ -285,8 +289,6 @@ for name, mlm, sparse, tokenizer in sorted(encoders, key=lambda e: e[2]):  # den
                       f"seed {seed}: dev {task.metric} {run['dev']:.4f}, "
                       + ", ".join(f"test {k} {v:.4f}" for k, v in run["test_metrics"].items()))
         # the recipe with the best mean dev score over the seeds; its test scores are the result
-        def recipe_of(run):
-            return run["epochs"], run["lr"], run["distill_hardness"]
         recipe = max(model_recipes, key=lambda r: statistics.mean(x["dev"] for x in runs if recipe_of(x) == r))
         for run in runs:
             run["selected"] = recipe_of(run) == recipe

@@ -28,12 +28,13 @@ KIND_COLOURS = dict(zip(PRUNABLE_MODULES, plt.get_cmap("tab10").colors))
 
 
 def load_run(directory):
-    """(config dict, record entries) of a training directory, or None where either is missing."""
+    """(config dict, record entries) of a training directory; None without a config.json, and an
+    empty record for a run written before records existed."""
     config, record = os.path.join(directory, "config.json"), os.path.join(directory, "record.jsonl")
-    if not (os.path.exists(config) and os.path.exists(record)):
+    if not os.path.exists(config):
         return None
     with open(config) as f:
-        return json.load(f), read_record(record)
+        return json.load(f), read_record(record) if os.path.exists(record) else []
 
 
 def last_per_key(entries, *keys):
@@ -59,6 +60,8 @@ def plot_schedule(out, directory):
     d = schedule_data(directory)
     fig, ax = plt.subplots(figsize=WIDTH)
     ax.plot(d["curve_steps"], np.array(d["curve"]) * 100, color="grey", label="target (Zhu & Gupta eq. 1)")
+    if not d["updates"]:
+        ax.text(0.5, 0.2, "(this run has no record.jsonl: target only)", transform=ax.transAxes, ha="center")
     if d["updates"]:
         s, t = zip(*d["updates"])
         ax.scatter(s, np.array(t) * 100, s=14, color="C3", zorder=3, label="mask updates")
@@ -136,6 +139,7 @@ def plot_magnitudes(out, dense_dir, sparse_dir):
 
 
 def plot_finetune(out, path):
+    """Grouped bars of one finetune.py run (out/finetune/ -> finetune.png, out/finetune-x/ -> finetune-x.png)."""
     with open(path) as f:
         results = json.load(f)
     scores = results["scores"]
@@ -156,7 +160,7 @@ def plot_finetune(out, path):
     ax.set(ylabel="test score (x100)", title=f"Fine-tuning, mean ± std over {seeds} seed(s); "
                                               "% = recovery vs the dense counterpart")
     ax.legend(fontsize=7)
-    return save(fig, out, "finetune.png")
+    return save(fig, out, os.path.basename(os.path.dirname(os.path.abspath(path))) + ".png")
 
 
 def plot_sparse_speed(out, path):
@@ -193,9 +197,9 @@ def main(run_dir):
 
     general = load_run(os.path.join(run_dir, "general-dense"))
     sparse_dirs = sorted(d for d in glob.glob(os.path.join(run_dir, "general-sparse*")) if load_run(d))
-    attempt("schedule", None if sparse_dirs else "no general-sparse*/ with config.json and record.jsonl (phase 2)",
+    attempt("schedule", None if sparse_dirs else "no general-sparse*/config.json (phase 2 not finished)",
             lambda: plot_schedule(out, sparse_dirs[0]))
-    runs = {}
+    runs = {}  # name -> (step offset, config, record): phase 2 starts where phase 1 ended, PubMed after phase 2
     if general:
         runs["general-dense"] = (0, *general)
         for d in sparse_dirs[:1]:
@@ -204,16 +208,18 @@ def main(run_dir):
             bio = load_run(d)
             if bio:
                 runs[os.path.basename(d)] = (general[0]["dense_steps"] + general[0]["prune_steps"], *bio)
-    attempt("loss", None if runs else "no general-dense/record.jsonl", lambda: plot_losses(out, runs))
+    runs = {name: run for name, run in runs.items() if run[2]}  # runs from before records existed have none
+    attempt("loss", None if runs else "no record.jsonl in general-dense/, general-sparse*/ or bio-*/",
+            lambda: plot_losses(out, runs))
     with_ckpt = [d for d in sparse_dirs if os.path.exists(os.path.join(d, "ckpt.pt"))]
     attempt("layer_sparsity", None if with_ckpt else "no general-sparse*/ckpt.pt",
             lambda: plot_layer_sparsity(out, with_ckpt))
     dense_ckpt = os.path.exists(os.path.join(run_dir, "general-dense", "ckpt.pt"))
     attempt("magnitudes", None if dense_ckpt and with_ckpt else "needs general-dense/ and general-sparse*/ ckpt.pt",
             lambda: plot_magnitudes(out, os.path.join(run_dir, "general-dense"), with_ckpt[0]))
-    results = os.path.join(run_dir, "finetune", "results.json")
-    attempt("finetune", None if os.path.exists(results) else f"no {results} (python finetune.py)",
-            lambda: plot_finetune(out, results))
+    finetunes = sorted(glob.glob(os.path.join(run_dir, "finetune*", "results.json")))
+    attempt("finetune", None if finetunes else f"no {run_dir}/finetune*/results.json (python finetune.py)",
+            lambda: [plot_finetune(out, path) for path in finetunes][0])
     bench = os.path.join(run_dir, "bench_sparse.json")
     attempt("sparse_speed", None if os.path.exists(bench) else
             f"no {bench} (python tests/bench_sparse.py --json {bench})", lambda: plot_sparse_speed(out, bench))
