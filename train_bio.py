@@ -143,7 +143,8 @@ before = {d: evaluate(model, d, 0) for d in held_out}
 
 # %% 4) train: continued MLM pretraining on biomedical text
 optimizer = make_optimizer(model, cfg.lr, cfg.weight_decay)
-start = resume(ckpt_path, model, optimizer, written_by="train_bio.py") if cfg.resume and os.path.exists(ckpt_path) else 0
+resuming = cfg.resume and os.path.exists(ckpt_path)
+start = resume(ckpt_path, model, optimizer, written_by="train_bio.py") if resuming else 0
 print(f"\ncontinued MLM pretraining: {cfg.steps} steps of {cfg.batch_size} x {cfg.seq_len} tokens, lr {cfg.lr}")
 t_train = time.time()
 max_predictions = static_predictions(cfg.batch_size // world, cfg.seq_len, cfg.mlm_prob) if cfg.static_mlm else 0

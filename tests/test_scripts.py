@@ -169,7 +169,8 @@ def test_finetune_reports_a_malformed_user_file(general, tmp_path):
     for split in ("dev.tsv", "test.tsv"):
         (tmp_path / split).write_text("fine\tpos\n")
     r = subprocess.run([sys.executable, "finetune.py", "--preset", "tiny", "--models", str(out / "general-dense"),
-                        "--tasks", f"cls:{tmp_path}"], cwd=ROOT, capture_output=True, text=True)
+                        "--tasks", f"cls:{tmp_path}", "--out", str(tmp_path / "ft")], cwd=ROOT, capture_output=True,
+                       text=True)
     assert r.returncode == 1
     assert r.stderr.strip().splitlines()[-1] == f"error: {tmp_path / 'train.tsv'}:2: expected 'sentence<TAB>label'"
 

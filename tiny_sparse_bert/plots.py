@@ -110,9 +110,10 @@ def plot_layer_sparsity(out, directories):
         ax.set_xticks(range(len(names)), [n.split(".")[-3] + "." + k for n, k in zip(names, kinds)],
                       rotation=90, fontsize=6)
         mode = "global threshold" if ckpt["run_config"].get("global_pruning") else "per tensor"
-        ax.set(ylabel="zeros (%)", ylim=(0, 100), title=f"{os.path.basename(directory)} ({mode})")
+        ax.set(ylabel="zeros (%)", ylim=(0, 120), yticks=range(0, 101, 20),
+               title=f"{os.path.basename(directory)} ({mode})")
     handles = [plt.Rectangle((0, 0), 1, 1, color=c) for c in KIND_COLOURS.values()]
-    axes[0, 0].legend(handles, KIND_COLOURS, fontsize=6, ncol=6, loc="lower center")
+    axes[0, 0].legend(handles, KIND_COLOURS, fontsize=6, ncol=6, loc="upper center")
     fig.suptitle("Sparsity of every prunable tensor (layer.module)")
     return save(fig, out, "layer_sparsity.png")
 
