@@ -153,6 +153,8 @@ def documents(files, max_docs=None):
 # ---------------------------------------------------------------------------------- token cache
 
 def file_sha256(path):
+    """sha256 of a file, read in 1 MiB chunks (data/prepare.py keeps its own copy: it runs on the
+    standard library alone, before the package's dependencies are installed)."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
