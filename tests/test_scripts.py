@@ -76,8 +76,14 @@ def test_finetune_tiny_table(bio, mirror_data):
     results = json.loads((out / "finetune" / "results.json").read_text())
     assert set(results["scores"]) == {"general-dense", "general-sparse90", "bio-dense", "bio-sparse90", "random-init"}
     assert results["models"]["bio-sparse90"]["mask_unchanged"] and results["models"]["bio-sparse90"]["sparsity"] > 0.89
+    # --seeds (2 in the tiny preset) for the --seeded bio pair, --other-seeds (1) for the other rows
+    assert {name: len(results["scores"][name]["hoc"]) for name in results["scores"]} == {
+        "general-dense": 1, "general-sparse90": 1, "bio-dense": 2, "bio-sparse90": 2, "random-init": 1}
     table = (out / "finetune" / "results.md").read_text()
-    assert "| bio-sparse90 | 90% |" in table and "recovery vs dense" in table
+    rows = {line.split(" | ")[0][2:]: line.split(" | ") for line in table.splitlines() if line.startswith("| ")}
+    assert rows["bio-sparse90"][1] == "90%" and rows["bio-sparse90"][3] == "2" and " ± " in rows["bio-sparse90"][4]
+    assert rows["general-sparse90"][3] == "1" and " ± " not in rows["general-sparse90"][4]
+    assert "recovery vs dense" in table
     assert "| random-init |" in log
 
 

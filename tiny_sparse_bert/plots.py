@@ -151,15 +151,14 @@ def plot_finetune(out, path):
         means = [100 * np.mean(scores[model][t]) for t in tasks]
         stds = [100 * np.std(scores[model][t], ddof=1) if len(scores[model][t]) > 1 else 0 for t in tasks]
         x = np.arange(len(tasks)) + (i - (len(models) - 1) / 2) * width
-        ax.bar(x, means, width, yerr=stds, capsize=2, label=model)
+        n = len(scores[model][tasks[0]])
+        ax.bar(x, means, width, yerr=stds, capsize=2, label=f"{model} ({n} seed{'s' if n > 1 else ''})")
         dense = model.split("-sparse")[0] + "-dense"
         if "-sparse" in model and dense in scores:
             for xi, t, m in zip(x, tasks, means):
                 ax.text(xi, m + 1, f"{m / (100 * np.mean(scores[dense][t])):.0%}", ha="center", fontsize=6)
-    seeds = results["config"]["seeds"]
     ax.set_xticks(range(len(tasks)), tasks)
-    ax.set(ylabel="test score (x100)", title=f"Fine-tuning, mean ± std over {seeds} seed(s); "
-                                              "% = recovery vs the dense counterpart")
+    ax.set(ylabel="test score (x100)", title="Fine-tuning: mean ± std over seeds; % = recovery vs the dense model")
     ax.legend(fontsize=7)
     return save(fig, out, os.path.basename(os.path.dirname(os.path.abspath(path))) + ".png")
 
