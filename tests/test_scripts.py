@@ -79,6 +79,14 @@ def test_finetune_tiny_table(bio, mirror_data):
     # --seeds (2 in the tiny preset) for the --seeded bio pair, --other-seeds (1) for the other rows
     assert {name: len(results["scores"][name]["hoc"]) for name in results["scores"]} == {
         "general-dense": 1, "general-sparse90": 1, "bio-dense": 2, "bio-sparse90": 2, "random-init": 1}
+    # the default lr grid (2 values) is searched with seed 0 only; seed 1 runs the recipe chosen on its dev
+    for name, tasks in results["runs"].items():
+        for task, runs in tasks.items():
+            search = [r for r in runs if r["seed"] == 0]
+            assert len(search) == 2 and len(runs) == 2 + (name.startswith("bio-"))
+            assert tuple(results["recipes"][name][task])[:2] == max(((r["epochs"], r["lr"]) for r in search),
+                                                                    key=lambda rc: [r["dev"] for r in search if (r["epochs"], r["lr"]) == rc])
+            assert all(r["selected"] == (tuple(results["recipes"][name][task])[1] == r["lr"]) for r in runs)
     table = (out / "finetune" / "results.md").read_text()
     rows = {line.split(" | ")[0][2:]: line.split(" | ") for line in table.splitlines() if line.startswith("| ")}
     assert rows["bio-sparse90"][1] == "90%" and rows["bio-sparse90"][3] == "2" and " ± " in rows["bio-sparse90"][4]
@@ -132,7 +140,7 @@ def test_finetune_recipe_search_seeds_and_distillation(bio, mirror_data):
     models = ",".join(str(out / n) for n in ("bio-sparse90", "bio-dense"))  # the student first: order must not matter
     log = run_script(["finetune.py", "--preset", "tiny", "--data", mirror_data, "--models", models,
                       "--random-baseline", "false", "--tasks", "ncbi_disease,hoc", "--lr", "2e-4,1e-3",
-                      "--seeds", "2", "--distill-hardness", "0,1", "--out", str(out / "finetune-distill")])
+                      "--seeds", "2", "--search-seeds", "2", "--distill-hardness", "0,1", "--out", str(out / "finetune-distill")])
     results = json.loads((out / "finetune-distill" / "results.json").read_text())
     assert results["models"]["bio-sparse90"]["teacher"] == "bio-dense" and results["models"]["bio-sparse90"]["mask_unchanged"]
     for name in ("bio-sparse90", "bio-dense"):
