@@ -144,7 +144,9 @@ def plot_finetune(out, path):
     with open(path) as f:
         results = json.load(f)
     scores = results["scores"]
-    models, tasks = list(scores), list(next(iter(scores.values())))
+    tasks = list(next(iter(scores.values())))
+    # each sparse model next to its dense counterpart (bio-dense, bio-sparse90, ...), random init last
+    models = sorted(scores, key=lambda m: (m == "random-init", m.split("-sparse")[0].removesuffix("-dense"), "-sparse" in m))
     fig, ax = plt.subplots(figsize=WIDTH)
     width = 0.8 / len(models)
     for i, model in enumerate(models):
