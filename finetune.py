@@ -345,7 +345,10 @@ for name in names_in_run:
     recovery = f"{100 * average(name) / average(counterpart):.1f}%" if counterpart in results else ""
     cells = [f"{100 * m:.1f} ± {100 * s:.1f}" if n_seeds(name) > 1 else f"{100 * m:.1f}"
              for m, s in (mean_std(test_scores(name, t.name)) for t in tasks)]
-    rows.append([name, f"{info[name]['sparsity']:.0%}", f"{info[name]['nonzero']:,}", str(n_seeds(name))] + cells +
+    sparsity = f"{info[name]['sparsity']:.0%}"
+    if "pruned_in_finetune" in info[name]:  # the ablation: a dense model pruned by GMP while it fine-tunes
+        sparsity += f" -> {info[name]['pruned_in_finetune']:.0%} while fine-tuning"
+    rows.append([name, sparsity, f"{info[name]['nonzero']:,}", str(n_seeds(name))] + cells +
                 [f"{100 * average(name):.1f}", recovery])
 table = "\n".join("| " + " | ".join(r) + " |" for r in [header, ["---"] * len(header)] + rows)
 chosen = "\n".join(f"- {name}: " + ", ".join(

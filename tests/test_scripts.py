@@ -95,6 +95,19 @@ def test_finetune_tiny_table(bio, mirror_data):
     assert "| random-init |" in log
 
 
+def test_prune_during_finetune_ablation(bio, mirror_data):
+    """--prune-during-finetune 0.9: a dense model ends every fine-tuning run with 90% of its encoder's
+    prunable weights exactly zero, and the table says it was pruned while fine-tuning."""
+    out, _ = bio
+    run_script(["finetune.py", "--preset", "tiny", "--data", mirror_data, "--models", str(out / "bio-dense"),
+                "--random-baseline", "false", "--tasks", "ncbi_disease", "--prune-during-finetune", "0.9",
+                "--out", str(out / "finetune-prune")])
+    results = json.loads((out / "finetune-prune" / "results.json").read_text())
+    runs = results["runs"]["bio-dense"]["ncbi_disease"]
+    assert len(runs) == 3 and all(abs(r["pruned_in_finetune"] - 0.9) < 1e-3 for r in runs)
+    assert "| bio-dense | 0% -> 90% while fine-tuning |" in (out / "finetune-prune" / "results.md").read_text()
+
+
 def test_run_records_and_figures(bio, tmp_path, capsys):
     """Every training directory records its log lines, mask updates and evaluations; the plots
     command draws what exists, skips the rest, and survives a damaged record line."""
