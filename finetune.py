@@ -300,9 +300,10 @@ for name, mlm, sparse, tokenizer in sorted(encoders, key=lambda e: e[2]):  # den
             runs.append(run)
             if is_teacher:
                 states[(epochs, lr, seed)] = state
+            tests = ", ".join(f"test {k} {v:.4f}" for k, v in run["test_metrics"].items())
             print(f"{name} / {task.name} / {epochs:g} epochs, lr {lr:g}"
                   f"{f', distilled (hardness {hardness:g})' if teacher else ''} / seed {seed}: "
-                  f"dev {task.metric} {run['dev']:.4f}, " + ", ".join(f"test {k} {v:.4f}" for k, v in run["test_metrics"].items()))
+                  f"dev {task.metric} {run['dev']:.4f}, {tests}")
 
         # the grid is searched with the first --search-seeds seeds: the recipe with the best mean dev score
         # wins (test is never looked at), then the remaining seeds run that recipe; its test scores are the result

@@ -84,9 +84,9 @@ def test_finetune_tiny_table(bio, mirror_data):
         for task, runs in tasks.items():
             search = [r for r in runs if r["seed"] == 0]
             assert len(search) == 2 and len(runs) == 2 + (name.startswith("bio-"))
-            assert tuple(results["recipes"][name][task])[:2] == max(((r["epochs"], r["lr"]) for r in search),
-                                                                    key=lambda rc: [r["dev"] for r in search if (r["epochs"], r["lr"]) == rc])
-            assert all(r["selected"] == (tuple(results["recipes"][name][task])[1] == r["lr"]) for r in runs)
+            best = max(search, key=lambda r: r["dev"])
+            assert tuple(results["recipes"][name][task])[:2] == (best["epochs"], best["lr"])
+            assert all(r["selected"] == (r["lr"] == best["lr"]) for r in runs)
     table = (out / "finetune" / "results.md").read_text()
     rows = {line.split(" | ")[0][2:]: line.split(" | ") for line in table.splitlines() if line.startswith("| ")}
     assert rows["bio-sparse90"][1] == "90%" and rows["bio-sparse90"][3] == "2" and " ± " in rows["bio-sparse90"][4]

@@ -146,7 +146,8 @@ def plot_finetune(out, path):
     scores = results["scores"]
     tasks = list(next(iter(scores.values())))
     # each sparse model next to its dense counterpart (bio-dense, bio-sparse90, ...), random init last
-    models = sorted(scores, key=lambda m: (m == "random-init", m.split("-sparse")[0].removesuffix("-dense"), "-sparse" in m))
+    family = lambda m: m.split("-sparse")[0].removesuffix("-dense")
+    models = sorted(scores, key=lambda m: (m == "random-init", family(m), "-sparse" in m))
     fig, ax = plt.subplots(figsize=WIDTH)
     width = 0.8 / len(models)
     for i, model in enumerate(models):
