@@ -85,7 +85,8 @@ PRESETS = {
 }
 
 preset, cfg = parse_config(Config, PRESETS, __doc__.splitlines()[0])
-check_options(cfg, positive=("seeds", "other_seeds", "search_seeds", "batch_size", "max_len", "distill_temperature"),
+check_options(cfg, positive=("seeds", "other_seeds", "search_seeds", "batch_size", "max_len",
+                             "distill_temperature"),
               non_negative=("max_train", "max_eval", "weight_decay"), fraction=("warmup",),
               below_one=("dropout", "prune_during_finetune"))
 
@@ -252,8 +253,8 @@ def n_seeds(name):
     """--seeds for the --seeded models, --other-seeds for the rest. A sparse model counts as its dense
     counterpart: that model teaches it seed by seed, so both need the same seeds."""
     family = lambda n: dense_counterpart(n) or n
-    return cfg.seeds if cfg.seeded == "all" or family(name) in {family(n) for n in cfg.seeded.split(",")} \
-        else cfg.other_seeds
+    seeded = cfg.seeded == "all" or family(name) in {family(n) for n in cfg.seeded.split(",")}
+    return cfg.seeds if seeded else cfg.other_seeds
 
 
 def recipe_of(run):
