@@ -42,7 +42,7 @@ from tiny_sparse_bert.data import load_tokenizer
 from tiny_sparse_bert.model import BertConfig, BertForMaskedLM, BertForSequenceClassification, BertForTokenClassification
 from tiny_sparse_bert.pruning import MagnitudePruner, prunable_parameters
 from tiny_sparse_bert.tasks import (best_threshold, collate, encode, entity_f1, f1_scores, get_task, label_list,
-                                   load_splits, multilabel_f1)
+                                   length_grouped_batches, load_splits, multilabel_f1)
 from tiny_sparse_bert.train import (autocast, load_checkpoint, make_optimizer, setup_distributed, to_device, train,
                                     use_bf16, wrap_ddp)
 
@@ -213,13 +213,14 @@ def finetune_run(task, mlm, sparse, encoded, n_labels, epochs, lr, seed, teacher
     else:
         pruner = None
     rng = np.random.default_rng(seed)
-    orders = {}
+    lengths = [len(it["ids"]) for it in encoded["train"]]
+    batches = {}
 
-    def batch_fn(step):
+    def batch_fn(step):  # random batches of similar lengths: little padding (tasks.length_grouped_batches)
         epoch, i = divmod(step, steps_per_epoch)
-        if epoch not in orders:
-            orders[epoch] = rng.permutation(len(encoded["train"]))
-        idx = orders[epoch][i * cfg.batch_size:(i + 1) * cfg.batch_size][rank::world]  # this rank's rows
+        if epoch not in batches:
+            batches[epoch] = length_grouped_batches(lengths, cfg.batch_size, rng)
+        idx = batches[epoch][i][rank::world]  # this rank's rows
         return collate([encoded["train"][j] for j in idx], task.kind)
 
     best = {"dev": -1.0, "state": None, "threshold": None, "dev_curve": []}

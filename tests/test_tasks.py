@@ -1,9 +1,10 @@
+import numpy as np
 import pytest
 
 from tiny_sparse_bert.data import train_tokenizer
 from tiny_sparse_bert.model import IGNORE_INDEX
 from tiny_sparse_bert.tasks import (TASKS, best_threshold, collate, encode, entity_f1, entity_spans, f1_scores, get_task,
-                                    label_list, load_splits, multilabel_f1, read_chemprot, read_hoc, read_ner, read_nicta,
+                                    label_list, length_grouped_batches, load_splits, multilabel_f1, read_chemprot, read_hoc, read_ner, read_nicta,
                                     read_pubmedqa, read_sentence_label)
 
 
@@ -111,3 +112,25 @@ def test_label_alignment_on_first_word_piece(tmp_path):
     assert item["first"][2] - item["first"][1] > 1  # the pieces after the first carry no label
     batch = collate([item, item], "ner")
     assert batch["labels"].shape == batch["input_ids"].shape
+
+
+def test_length_grouped_batches():
+    lengths = np.random.default_rng(1).integers(5, 129, size=1000)
+    epoch = length_grouped_batches(lengths, 32, np.random.default_rng(0), group=10)
+    # every example at most once, only full batches, the 1000 % 32 = 8 left out as a random permutation would
+    seen = np.concatenate(epoch)
+    assert all(len(b) == 32 for b in epoch) and len(seen) == 992 == len(set(seen.tolist()))
+    padded = lambda batches: sum(len(b) * lengths[b].max() for b in batches)
+    random_batches = np.random.default_rng(0).permutation(1000)[:992].reshape(-1, 32)
+    assert padded(random_batches) > 1.8 * lengths[seen].sum()  # random batches: nearly half is padding
+    assert padded(epoch) < 1.15 * lengths[seen].sum()
+    # the batches come in a random order (not sorted by length), fixed by the seed, new each epoch
+    longest = [lengths[b].max() for b in epoch]
+    assert longest != sorted(longest) and longest != sorted(longest, reverse=True)
+    again = length_grouped_batches(lengths, 32, np.random.default_rng(0), group=10)
+    assert all(np.array_equal(a, b) for a, b in zip(epoch, again))
+    rng = np.random.default_rng(0)
+    assert not np.array_equal(np.concatenate(length_grouped_batches(lengths, 32, rng)),
+                              np.concatenate(length_grouped_batches(lengths, 32, rng)))
+    # fewer examples than a batch: one batch of all of them
+    assert sorted(np.concatenate(length_grouped_batches([3, 9, 4], 8, np.random.default_rng(0)))) == [0, 1, 2]

@@ -258,6 +258,26 @@ def collate(items, kind):
     return {"input_ids": ids, "attention_mask": mask, "token_type_ids": types, "labels": labels}
 
 
+def length_grouped_batches(lengths, batch_size, rng, group=50):
+    """One epoch of training batches (rows of example indices): random, but of similar lengths.
+
+    A batch is padded to its longest example, so random batches of NER sentences (10 to 128 pieces)
+    are more than half padding. Shuffle, sort each run of `group` batches' worth of examples by
+    length, cut it into batches and shuffle the batches: each batch holds examples of one length,
+    the epoch still visits every example once in a random order (group_by_length in Hugging Face's
+    Trainer does the same). The examples after the last full batch are left out, as a plain
+    `permutation[i * batch_size:(i + 1) * batch_size]` would (fewer than `batch_size` make one batch).
+    """
+    lengths = np.asarray(lengths)
+    order = rng.permutation(len(lengths))[:max(batch_size, len(lengths) // batch_size * batch_size)]
+    size = group * batch_size
+    for start in range(0, len(order), size):  # a stable sort: equal lengths keep their random order
+        chunk = order[start:start + size]
+        order[start:start + size] = chunk[np.argsort(lengths[chunk], kind="stable")]
+    batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+    return [batches[i] for i in rng.permutation(len(batches))]
+
+
 # ---------------------------------------------------------------------------------- metrics
 
 def entity_spans(tags):
