@@ -62,7 +62,7 @@ class Config:
     epochs: str = "3"              # a number, or a comma-separated grid searched on dev (e.g. 3,6)
     lr: str = "1.5e-3,3e-3"        # a number, or a comma-separated grid searched on dev (90%-sparse
                                    # models want a higher rate than dense ones: README, recovery ladder)
-    distill_hardness: str = "0"    # sparse models: weight of the soft loss from the dense teacher (1 = soft
+    distill_hardness: str = "0,1"  # sparse models: weight of the soft loss from the dense teacher (1 = soft
                                    # only, 0 = none); a comma-separated grid is searched on dev too
     distill_temperature: float = 2.0
     batch_size: int = 32
@@ -215,6 +215,10 @@ def finetune_run(task, mlm, sparse, encoded, n_labels, epochs, lr, seed, teacher
     rng = np.random.default_rng(seed)
     lengths = [len(it["ids"]) for it in encoded["train"]]
     batches = {}
+    # NER: a batch of short sentences has few labelled words; train() weights each batch by its share
+    # (other tasks have one label per example, the same number in every batch)
+    mean_labelled = (cfg.batch_size * sum(len(it["first"]) for it in encoded["train"]) / len(encoded["train"])
+                     if task.kind == "ner" else None)
 
     def batch_fn(step):  # random batches of similar lengths: little padding (tasks.length_grouped_batches)
         epoch, i = divmod(step, steps_per_epoch)
@@ -236,7 +240,8 @@ def finetune_run(task, mlm, sparse, encoded, n_labels, epochs, lr, seed, teacher
           warmup_steps=int(cfg.warmup * steps), ckpt_path=None, extra_state={}, pruner=pruner,
           teacher=teacher, distill_alpha=hardness, distill_temperature=cfg.distill_temperature,
           distill_kind=task.kind, eval_fn=select_on_dev, eval_every=steps_per_epoch, log_every=max(1, steps // 4),
-          device=device, ddp_model=wrap_ddp(model, device, world), is_main=rank == 0, compile=cfg.compile, bf16=bf16)
+          device=device, ddp_model=wrap_ddp(model, device, world), is_main=rank == 0, compile=cfg.compile, bf16=bf16,
+          mean_labelled=mean_labelled)
     select_on_dev()
     model.load_state_dict(best["state"])
     if sparse:  # exactly the pretrained zeros, no more, no fewer

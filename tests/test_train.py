@@ -1,12 +1,14 @@
 import os
 import signal
+from dataclasses import replace
 
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 from tiny_sparse_bert.data import Blocks, NUM_SPECIAL
-from tiny_sparse_bert.model import IGNORE_INDEX, BertConfig, BertForMaskedLM
+from tiny_sparse_bert.model import IGNORE_INDEX, BertConfig, BertForMaskedLM, BertForTokenClassification
 from tiny_sparse_bert.pruning import MagnitudePruner
 from tiny_sparse_bert.train import (NonFiniteLoss, linear_warmup_decay, load_checkpoint, make_optimizer, mlm_batch,
                                     train)
@@ -242,6 +244,45 @@ def test_the_teacher_gets_no_gradient_and_does_not_change(tmp_path):
     assert all(p.grad is None for p in teacher.parameters())
     assert all(torch.equal(before[k], v) for k, v in teacher.state_dict().items())
     assert not torch.equal(before["decoder_bias"], model.decoder_bias)  # the student did learn
+
+
+def test_mean_labelled_weighs_every_labelled_word_the_same():
+    """Length-grouped batches hold different numbers of labelled words. With `mean_labelled`, the
+    gradients of two steps add up to the gradient of the mean loss over all their words, as if the
+    two batches were one; without it, the 4 words of the short batch weigh as much as the 24 of the long."""
+    torch.manual_seed(0)
+    model = BertForTokenClassification(replace(CFG, dropout=0.0), 3)
+    g = torch.Generator().manual_seed(0)
+
+    def batch(T, n_words):  # 2 sentences of T pieces; positions 1..n_words are labelled first pieces
+        labels = torch.full((2, T), IGNORE_INDEX)
+        labels[:, 1:1 + n_words] = torch.randint(0, 3, (2, n_words), generator=g)
+        return {"input_ids": torch.randint(NUM_SPECIAL, 100, (2, T), generator=g), "labels": labels,
+                "attention_mask": torch.ones(2, T, dtype=torch.long), "token_type_ids": torch.zeros(2, T, dtype=torch.long)}
+
+    batches = [batch(4, 2), batch(16, 12)]  # 4 and 24 labelled words
+
+    class RecordGradients(torch.optim.SGD):  # keeps each step's gradients, leaves the weights alone
+        grads = []
+
+        def step(self):
+            self.grads.append([torch.zeros_like(p) if p.grad is None else p.grad.clone() for p in model.parameters()])
+
+    def summed_gradients(**kw):
+        optimizer = RecordGradients(model.parameters(), lr=1.0)
+        optimizer.grads = []
+        train(model, optimizer, lambda step: batches[step], 2, peak_lr=1.0, warmup_steps=0, ckpt_path=None,
+              extra_state={}, clip_norm=1e9, log_every=100, **kw)
+        return [a + b for a, b in zip(*optimizer.grads)]
+
+    total = sum(F.cross_entropy(model(b["input_ids"], b["attention_mask"], b["token_type_ids"])[0].flatten(0, 1),
+                                b["labels"].flatten(), ignore_index=IGNORE_INDEX, reduction="sum") for b in batches)
+    (2 * total / 28).backward()  # two steps' worth of the mean over all 28 words
+    expected = [torch.zeros_like(p) if p.grad is None else p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    weighted, plain = summed_gradients(mean_labelled=14), summed_gradients()
+    assert all(torch.allclose(w, e, atol=1e-6) for w, e in zip(weighted, expected))
+    assert not all(torch.allclose(p, e, atol=1e-4) for p, e in zip(plain, expected))
 
 
 def test_static_shape_mlm_head_gives_the_dynamic_loss():

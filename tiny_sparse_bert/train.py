@@ -344,7 +344,8 @@ class NonFiniteLoss(SystemExit):
 def train(model, optimizer, batch_fn, steps, *, peak_lr, warmup_steps, ckpt_path, extra_state,
           pruner=None, teacher=None, distill_temperature=2.0, distill_alpha=0.5, distill_kind="mlm", clip_norm=1.0,
           eval_fn=None, eval_every=0, log_every=50, ckpt_every=500, start_step=0, device=None,
-          ddp_model=None, is_main=True, compile=False, static_shapes=False, bf16=False, record_path=None):
+          ddp_model=None, is_main=True, compile=False, static_shapes=False, bf16=False, record_path=None,
+          mean_labelled=None):
     """Run steps [start_step, steps) of AdamW on `batch_fn(step)` batches; save to `ckpt_path`.
 
     `extra_state` (configs, tokenizer path, ...) is stored in every checkpoint. With `teacher`
@@ -355,7 +356,11 @@ def train(model, optimizer, batch_fn, steps, *, peak_lr, warmup_steps, ckpt_path
     forward and backward through torch.compile: with dynamic shapes (the number of masked positions
     varies), or, with `static_shapes` (batches from `mlm_batch(max_predictions=N)`), one fixed graph,
     replayed as a CUDA graph on a GPU (mode "reduce-overhead": no per-kernel launch cost).
-    `eval_fn(step)` returns a line to print. With `record_path`, every log line and mask update is
+    `mean_labelled` (the mean number of labelled positions per batch) weights each batch's mean loss
+    by its labelled positions / that mean: with length-grouped batches (`tasks.length_grouped_batches`)
+    a batch of short sentences holds few labelled words, and unweighted it would count as much as
+    a batch of long ones (measured: 2 F1 points lost on BC5CDR-chem, README). The logged loss is
+    the plain mean. `eval_fn(step)` returns a line to print. With `record_path`, every log line and mask update is
     also appended to that JSON-lines record (a resumed run first drops what came after its step).
 
     The loss is summed on the device and read only when a line is logged, a checkpoint saved or an
@@ -427,13 +432,18 @@ def train(model, optimizer, batch_fn, steps, *, peak_lr, warmup_steps, ckpt_path
                         teacher_logits, _ = teacher(**batch)
                     soft = distillation_loss(logits, teacher_logits, batch["labels"], distill_kind, distill_temperature)
                     loss = (1 - distill_alpha) * loss + distill_alpha * soft
-            if ddp_model is not None:
-                # weight each rank by its share of the labelled positions: DDP's average of the ranks'
-                # gradients is then the gradient of the mean over the whole global batch
+            if ddp_model is not None or mean_labelled:
+                # weight the batch by its share of labelled positions, so each position weighs the same:
+                # across ranks (DDP's average of the ranks' gradients is then the gradient of the mean over
+                # the global batch) and, with `mean_labelled`, across steps as well
                 n = (batch["labels"] != IGNORE_INDEX).sum().float()
-                total = n.clone()
-                dist.all_reduce(total)
-                (loss * n * dist.get_world_size() / total).backward()
+                world = dist.get_world_size() if ddp_model is not None else 1
+                if mean_labelled:
+                    per_batch = torch.tensor(float(mean_labelled), device=n.device)
+                else:
+                    per_batch = n.clone()
+                    dist.all_reduce(per_batch)
+                (loss * n * world / per_batch).backward()
             else:
                 loss.backward()
             grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip_norm)
