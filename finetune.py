@@ -12,12 +12,15 @@ pretraining is worth. Comparisons are fair by construction:
   `--seeded` comparison, bio-dense vs bio-sparse90; `--other-seeds` 1 for the other rows);
 - sparse-transfer distillation (`--distill-hardness`, Neural Magic's sparse-transfer recipes):
   each sparse model learns from its dense counterpart (bio-sparse90 from bio-dense), fine-tuned
-  first in the same run, at its own dev-selected recipe, with the same seed. A grid such as
-  `--distill-hardness 0,1` lets dev decide whether distillation pays.
+  first in the same run, at its own dev-selected recipe, with the same seed. The default grid
+  `--distill-hardness 0,1` lets dev decide, per task, whether distillation pays.
+
+Training batches are drawn by length (`tasks.length_grouped_batches`: about half the compute of
+random batches is padding) and, for NER, weighted by their labelled words (`train(mean_labelled)`).
 
     python finetune.py                                   # the README's four models + random init
     python finetune.py --epochs 3,6 --lr 6e-4,1.5e-3 --search-seeds 3 --tasks ncbi_disease
-    python finetune.py --distill-hardness 1              # sparse models learn from their dense teachers
+    python finetune.py --distill-hardness 0              # no teachers: every model on its own
     python finetune.py --tasks ner:my_data/,cls:other/   # your own data in our formats
     python finetune.py --prune-during-finetune 0.9       # ablation: GMP during fine-tuning only
     python finetune.py --preset tiny                     # seconds, for tests

@@ -357,11 +357,12 @@ def train(model, optimizer, batch_fn, steps, *, peak_lr, warmup_steps, ckpt_path
     varies), or, with `static_shapes` (batches from `mlm_batch(max_predictions=N)`), one fixed graph,
     replayed as a CUDA graph on a GPU (mode "reduce-overhead": no per-kernel launch cost).
     `mean_labelled` (the mean number of labelled positions per batch) weights each batch's mean loss
-    by its labelled positions / that mean: with length-grouped batches (`tasks.length_grouped_batches`)
-    a batch of short sentences holds few labelled words, and unweighted it would count as much as
-    a batch of long ones (measured: 2 F1 points lost on BC5CDR-chem, README). The logged loss is
-    the plain mean. `eval_fn(step)` returns a line to print. With `record_path`, every log line and mask update is
-    also appended to that JSON-lines record (a resumed run first drops what came after its step).
+    by its labelled positions / that mean: in length-grouped batches (`tasks.length_grouped_batches`)
+    a batch of short sentences holds few labelled words, and unweighted it would count as much as a
+    batch of long ones (measured: 2 F1 points lost on BC5CDR-chem, README); the logged loss stays
+    the plain mean. `eval_fn(step)` returns a line to print. With `record_path`, every log line and
+    mask update is also appended to that JSON-lines record (a resumed run first drops what came
+    after its step).
 
     The loss is summed on the device and read only when a line is logged, a checkpoint saved or an
     evaluation run, so a GPU is never made to wait for the CPU each step. A non-finite loss or
