@@ -15,8 +15,8 @@ pretraining is worth. Comparisons are fair by construction:
   first in the same run, at its own dev-selected recipe, with the same seed. The default grid
   `--distill-hardness 0,1` lets dev decide, per task, whether distillation pays.
 
-Training batches are drawn by length (`tasks.length_grouped_batches`: about half the compute of
-random batches is padding) and, for NER, weighted by their labelled words (`train(mean_labelled)`).
+NER training batches are drawn by length (`tasks.length_grouped_batches`: about half the compute
+of random batches is padding) and weighted by their labelled words (`train(mean_labelled)`).
 
     python finetune.py                                   # the README's four models + random init
     python finetune.py --epochs 3,6 --lr 6e-4,1.5e-3 --search-seeds 3 --tasks ncbi_disease
@@ -216,17 +216,21 @@ def finetune_run(task, mlm, sparse, encoded, n_labels, epochs, lr, seed, teacher
     else:
         pruner = None
     rng = np.random.default_rng(seed)
+    # NER: random batches of sentences of similar lengths (tasks.length_grouped_batches, half the
+    # padding gone), each weighted by its labelled words in train(): a batch of short sentences
+    # holds few. Sentence-level tasks keep plain random batches: grouped by length, their batches
+    # skew the label mix and the dense models' ChemProt runs collapsed (2 of 5 seeds, README row M)
     lengths = [len(it["ids"]) for it in encoded["train"]]
-    batches = {}
-    # NER: a batch of short sentences has few labelled words; train() weights each batch by its share
-    # (other tasks have one label per example, the same number in every batch)
     mean_labelled = (cfg.batch_size * sum(len(it["first"]) for it in encoded["train"]) / len(encoded["train"])
                      if task.kind == "ner" else None)
+    batches = {}
 
-    def batch_fn(step):  # random batches of similar lengths: little padding (tasks.length_grouped_batches)
+    def batch_fn(step):
         epoch, i = divmod(step, steps_per_epoch)
         if epoch not in batches:
-            batches[epoch] = length_grouped_batches(lengths, cfg.batch_size, rng)
+            batches[epoch] = (length_grouped_batches(lengths, cfg.batch_size, rng) if task.kind == "ner" else
+                              np.array_split(rng.permutation(len(lengths))[:steps_per_epoch * cfg.batch_size],
+                                             steps_per_epoch))
         idx = batches[epoch][i][rank::world]  # this rank's rows
         return collate([encoded["train"][j] for j in idx], task.kind)
 
