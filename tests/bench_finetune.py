@@ -4,7 +4,8 @@
 
 The training step of finetune.py (default model size, batch 32, the task's first 2,000 training
 examples encoded with out/tokenizer.json) fed by batches cut from a random permutation (the old
-way) or by tasks.length_grouped_batches, measured alternately, round by round, in one process.
+way, and still finetune.py's for sentence-level tasks) or by tasks.length_grouped_batches (its
+way for NER), measured alternately, round by round, in one process.
 Prints ms per step, the share of each batch that is padding, and the speed-up.
 """
 import argparse

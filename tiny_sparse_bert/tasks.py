@@ -267,6 +267,8 @@ def length_grouped_batches(lengths, batch_size, rng, group=50):
     the epoch still visits every example once in a random order (group_by_length in Hugging Face's
     Trainer does the same). The examples after the last full batch are left out, as a plain
     `permutation[i * batch_size:(i + 1) * batch_size]` would (fewer than `batch_size` make one batch).
+    finetune.py uses it for NER, weighting each batch by its labelled words (`train(mean_labelled)`);
+    for sentence-level tasks it skews each batch's label mix, and dense models collapsed on ChemProt.
     """
     lengths = np.asarray(lengths)
     order = rng.permutation(len(lengths))[:max(batch_size, len(lengths) // batch_size * batch_size)]
