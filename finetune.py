@@ -40,7 +40,7 @@ from dataclasses import asdict, dataclass, replace
 import numpy as np
 import torch
 
-from tiny_sparse_bert.config import check_options, check_run_dir, check_writable, parse_config
+from tiny_sparse_bert.config import check_options, check_run_dir, check_writable, dense_counterpart, parse_config
 from tiny_sparse_bert.data import load_tokenizer
 from tiny_sparse_bert.model import BertConfig, BertForMaskedLM, BertForSequenceClassification, BertForTokenClassification
 from tiny_sparse_bert.pruning import MagnitudePruner, prunable_parameters
@@ -199,10 +199,6 @@ def evaluate(model, task, items, n_labels, threshold=None):
 
 
 # %% 4) fine-tune every model on every task: the same recipe grid and seeds for all, mask frozen for sparse ones
-def dense_counterpart(name):  # bio-sparse90 -> bio-dense, general-sparse90 -> general-dense
-    return f"{name.split('-sparse')[0]}-dense" if "-sparse" in name else None
-
-
 def finetune_run(task, mlm, sparse, encoded, n_labels, epochs, lr, seed, teacher=None, hardness=0.0):
     """Fine-tune one model once; return its dev-selected weights and scores (dev after every epoch)."""
     steps_per_epoch = max(1, len(encoded["train"]) // cfg.batch_size)

@@ -17,6 +17,11 @@ from dataclasses import asdict, fields, replace
 from .train import load_checkpoint
 
 
+def dense_counterpart(name):
+    """The dense model a sparse run directory's name pairs with: bio-sparse90 -> bio-dense; None if dense."""
+    return f"{name.split('-sparse')[0]}-dense" if "-sparse" in name else None
+
+
 def parse_bool(text):
     """A boolean option: true/false, yes/no, on/off, 1/0. Anything else is refused: a typo such as
     `--resume ture` must not quietly mean false (and restart over the run it meant to continue)."""

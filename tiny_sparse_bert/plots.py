@@ -20,6 +20,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 import torch
 
+from .config import dense_counterpart
 from .pruning import PRUNABLE_MODULES, cubic_sparsity
 from .train import read_record
 
@@ -146,8 +147,7 @@ def plot_finetune(out, path):
     scores = results["scores"]
     tasks = list(next(iter(scores.values())))
     # each sparse model next to its dense counterpart (bio-dense, bio-sparse90, ...), random init last
-    dense_of = lambda m: m.split("-sparse")[0] + "-dense" if "-sparse" in m else m  # bio-sparse90 -> bio-dense
-    models = sorted(scores, key=lambda m: (m == "random-init", dense_of(m), "-sparse" in m))
+    models = sorted(scores, key=lambda m: (m == "random-init", dense_counterpart(m) or m, "-sparse" in m))
     fig, ax = plt.subplots(figsize=WIDTH)
     width = 0.8 / len(models)
     for i, model in enumerate(models):
@@ -156,8 +156,8 @@ def plot_finetune(out, path):
         x = np.arange(len(tasks)) + (i - (len(models) - 1) / 2) * width
         n = len(scores[model][tasks[0]])
         ax.bar(x, means, width, yerr=stds, capsize=2, label=f"{model} ({n} seed{'s' if n > 1 else ''})")
-        dense = dense_of(model)
-        if dense != model and dense in scores:
+        dense = dense_counterpart(model)
+        if dense in scores:
             for xi, t, m in zip(x, tasks, means):
                 ax.text(xi, m + 1, f"{m / (100 * np.mean(scores[dense][t])):.0%}", ha="center", fontsize=6)
     ax.set_xticks(range(len(tasks)), tasks)
