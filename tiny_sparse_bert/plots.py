@@ -147,7 +147,8 @@ def plot_finetune(out, path):
     scores = results["scores"]
     tasks = list(next(iter(scores.values())))
     # each sparse model next to its dense counterpart (bio-dense, bio-sparse90, ...), random init last
-    models = sorted(scores, key=lambda m: (m == "random-init", dense_counterpart(m) or m, "-sparse" in m))
+    pair = lambda m: (dense_counterpart(m) or m, dense_counterpart(m) is not None)  # (bio-dense, sparse?)
+    models = sorted(scores, key=lambda m: (m == "random-init", *pair(m)))
     fig, ax = plt.subplots(figsize=WIDTH)
     width = 0.8 / len(models)
     for i, model in enumerate(models):
