@@ -1,12 +1,17 @@
-"""Benchmark: fine-tuning steps with random batches against length-grouped ones.
+"""Benchmark: fine-tuning steps with and without the padding computed, random or length-grouped batches.
 
     python tests/bench_finetune.py [--task ncbi_disease] [--rounds 3] [--steps 20]
 
 The training step of finetune.py (default model size, batch 32, the task's first 2,000 training
-examples encoded with out/tokenizer.json) fed by batches cut from a random permutation (the old
-way, and still finetune.py's for sentence-level tasks) or by tasks.length_grouped_batches (its
-way for NER), measured alternately, round by round, in one process.
-Prints ms per step, the share of each batch that is padding, and the speed-up.
+examples encoded with out/tokenizer.json) in three variants, measured alternately, round by
+round, in one process:
+- "random, padding computed": batches cut from a random permutation, the encoder run on every
+  position (the reference: how finetune.py worked before BertModel's skip_padding);
+- "random": the same batches, the encoder run on the real positions only (finetune.py's way for
+  sentence-level tasks);
+- "length-grouped": tasks.length_grouped_batches, real positions only (finetune.py's way for NER).
+Prints ms per step, the share of each batch that is padding, and each variant's speed-up over
+the reference.
 """
 import argparse
 import statistics
@@ -37,16 +42,18 @@ def main():
     train = encode(task, splits["train"][:2000], tokenizer, labels, 128)
     lengths = np.array([len(it["ids"]) for it in train])
     rng = np.random.default_rng(0)
-    batch_orders = {"random": lambda: rng.permutation(len(train))[:len(train) // 32 * 32].reshape(-1, 32),
-                    "length-grouped": lambda: length_grouped_batches(lengths, 32, rng)}
+    random_batches = lambda: rng.permutation(len(train))[:len(train) // 32 * 32].reshape(-1, 32)
+    variants = {"random, padding computed": (random_batches, False), "random": (random_batches, True),
+                "length-grouped": (lambda: length_grouped_batches(lengths, 32, rng), True)}
     config = BertConfig(vocab_size=tokenizer.get_vocab_size())
     torch.manual_seed(0)
     model = (BertForTokenClassification(config, len(labels)) if task.kind == "ner"
              else BertForSequenceClassification(config, len(labels), multi_label=task.kind == "multi"))
     optimizer = make_optimizer(model, 1e-4, 0.01)
-    times, padding = {name: [] for name in batch_orders}, {name: [] for name in batch_orders}
+    times, padding = {name: [] for name in variants}, {name: [] for name in variants}
     for _ in range(args.rounds):
-        for name, batches in batch_orders.items():
+        for name, (batches, skip_padding) in variants.items():
+            model.skip_padding = skip_padding
             epoch = batches()[:args.steps]
             padding[name] += [1 - lengths[b].sum() / (len(b) * lengths[b].max()) for b in epoch]
             t = time.perf_counter()
@@ -58,10 +65,11 @@ def main():
                 optimizer.zero_grad(set_to_none=True)
             times[name].append((time.perf_counter() - t) / len(epoch))
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {task.name}, batch 32, L4 H256, fp32")
-    for name in batch_orders:
+    reference = statistics.median(times["random, padding computed"])
+    for name in variants:
         print(f"{name}: {1000 * statistics.median(times[name]):.0f} ms/step, "
-              f"{100 * statistics.mean(padding[name]):.0f}% of each batch is padding")
-    print(f"speed-up: {statistics.median(times['random']) / statistics.median(times['length-grouped']):.2f}x")
+              f"{100 * statistics.mean(padding[name]):.0f}% of each batch is padding, "
+              f"speed-up {reference / statistics.median(times[name]):.2f}x")
 
 
 if __name__ == "__main__":

@@ -66,6 +66,35 @@ def test_padding_invariance(variant):
     assert not torch.allclose(a[1, 10:], b[1, 10:])  # the padded positions did change
 
 
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("head", ["token", "sequence"])
+def test_skipping_padding_changes_no_number(variant, head):
+    """The task heads run the encoder on the real positions only: same logits, loss and gradients as
+    with the padding computed, and the encoder's padded positions come out as zeros."""
+    config = BertConfig(**{**CFG.__dict__, **variant, "dropout": 0.0})
+    ids, mask = batch()
+    if head == "token":
+        labels = torch.randint(0, 3, ids.shape).masked_fill(~mask.bool(), IGNORE_INDEX)  # as tasks.collate does
+    else:
+        labels = torch.tensor([0, 2, 1])
+    results = []
+    for skip in (False, True):
+        torch.manual_seed(0)
+        model = BertForTokenClassification(config, 3) if head == "token" else BertForSequenceClassification(config, 3)
+        model.skip_padding = skip
+        logits, loss = model(ids, mask, labels=labels)
+        loss.backward()
+        results.append((logits, loss, {n: p.grad for n, p in model.named_parameters()}))
+    (logits, loss, grads), (logits_skip, loss_skip, grads_skip) = results
+    real = mask.bool() if head == "token" else slice(None)
+    torch.testing.assert_close(logits_skip[real], logits[real], atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(loss_skip, loss, atol=1e-6, rtol=1e-5)
+    for name in grads:
+        torch.testing.assert_close(grads_skip[name], grads[name], atol=1e-6, rtol=1e-4, msg=name)
+    hidden = model.bert(ids, mask, skip_padding=True)
+    assert hidden[~mask.bool()].abs().sum() == 0 and hidden[mask.bool()].abs().sum() > 0
+
+
 def test_loss_decreases_when_overfitting_one_batch():
     torch.manual_seed(0)
     model = BertForMaskedLM(CFG)

@@ -147,23 +147,29 @@ class Layer(nn.Module):
         self.attn_dropout = config.dropout
         self.pre_norm = config.pre_norm
 
-    def attention(self, x, attn_mask):
-        B, T, C = x.shape
+    def attention(self, x, attn_mask, real=None):
+        """x (B, T, C) -> (B, T, C); or, with `real` (B, T) bool, x (N, C) holds only the N real
+        positions: they are projected as they are and laid out as (B, T, C) for attention alone."""
+        q, k, v = (lin(x) for lin in (self.query, self.key, self.value))
+        if real is not None:
+            q, k, v = (unpack(t, real) for t in (q, k, v))
+        B, T, C = q.shape
         # (B, T, C) -> (B, nh, T, hs)
-        q, k, v = (lin(x).view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
-                   for lin in (self.query, self.key, self.value))
+        q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
         p = self.attn_dropout if self.training else 0.0
         if p > 0 and x.device.type == "cpu":
             y = attend_with_dropout(q, k, v, attn_mask, p)
         else:
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=p)  # (B, nh, T, hs)
-        return self.attn_out(y.transpose(1, 2).reshape(B, T, C))
+        y = y.transpose(1, 2).reshape(B, T, C)
+        return self.attn_out(y if real is None else y[real])
 
     def feed_forward(self, x):
         return self.out(F.gelu(self.inter(x)))  # exact (erf) GELU, as in BERT
 
-    def forward(self, x, attn_mask, select=None):
+    def forward(self, x, attn_mask, select=None, real=None):
         """(B, T, C) -> (B, T, C); with `select`, only those positions come out: (N, C).
+        With `real` (B, T) bool, x and the output are (N, C): the real positions only (`BertModel`).
 
         `select` is a (B, T) bool mask (N varies from batch to batch), or N flat indices into the
         B x T positions (a fixed N: the static shapes that torch.compile and CUDA graphs need).
@@ -173,12 +179,12 @@ class Layer(nn.Module):
         positions nobody reads: in the last layer under MLM, all that are not masked (60-85%).
         """
         if self.pre_norm:  # x + f(LN(x)) (Xiong et al. 2020)
-            a = self.attention(self.attn_norm(x), attn_mask)
+            a = self.attention(self.attn_norm(x), attn_mask, real)
             if select is not None:
                 x, a = pick(x, select), pick(a, select)
             x = x + self.drop(a)
             return x + self.drop(self.feed_forward(self.out_norm(x)))
-        a = self.attention(x, attn_mask)
+        a = self.attention(x, attn_mask, real)
         if select is not None:
             x, a = pick(x, select), pick(a, select)
         x = self.attn_norm(x + self.drop(a))  # LN(x + f(x)), BERT
@@ -188,6 +194,13 @@ class Layer(nn.Module):
 def pick(x, select):
     """The rows of x (B, T, C) at `select`: a (B, T) bool mask, or flat indices into B x T. -> (N, C)"""
     return x[select] if select.dtype == torch.bool else x.flatten(0, 1)[select]
+
+
+def unpack(x, real):
+    """(N, C) rows of the real positions -> (B, T, C), zeros at the padding (`real`: (B, T) bool)."""
+    full = x.new_zeros(*real.shape, x.size(-1))
+    full[real] = x
+    return full
 
 
 def alibi_slopes(n_head):
@@ -219,8 +232,14 @@ class BertModel(nn.Module):
         # pre-LN needs a final LayerNorm, post-LN ends in one already
         self.final_norm = nn.LayerNorm(config.hidden, eps=config.layer_norm_eps) if config.pre_norm else None
 
-    def forward(self, input_ids, attention_mask=None, token_type_ids=None, select=None):
-        """Hidden states (B, T, C); with `select` (B, T) bool, the last layer's at those positions only (N, C)."""
+    def forward(self, input_ids, attention_mask=None, token_type_ids=None, select=None, skip_padding=False):
+        """Hidden states (B, T, C); with `select` (B, T) bool, the last layer's at those positions only (N, C).
+
+        `skip_padding`: everything but attention itself works per position, so it can run on the
+        real positions alone, packed as (N, C); a batch of sentences of mixed lengths is a third
+        to a half padding (tests/bench_finetune.py). The same numbers at the real positions (up
+        to float rounding); the padded positions come out as zeros.
+        """
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         if token_type_ids is None:
@@ -231,10 +250,15 @@ class BertModel(nn.Module):
             T = input_ids.size(1)
             padding = torch.zeros(attn_mask.shape, device=input_ids.device).masked_fill(~attn_mask, float("-inf"))
             attn_mask = alibi_bias(self.config.n_head, T, input_ids.device) + padding  # (B, nh, T, T)
+        real = attention_mask.bool() if skip_padding else None
+        assert real is None or select is None, "select or skip_padding, not both"
         x = self.emb(input_ids, token_type_ids)
+        if real is not None:
+            x = x[real]  # (N, C)
         for i, layer in enumerate(self.layers):
-            x = layer(x, attn_mask, select if i == len(self.layers) - 1 else None)
-        return self.final_norm(x) if self.final_norm is not None else x
+            x = layer(x, attn_mask, select if i == len(self.layers) - 1 else None, real)
+        x = self.final_norm(x) if self.final_norm is not None else x
+        return x if real is None else unpack(x, real)
 
 
 def init_weights(module, std):
@@ -290,10 +314,12 @@ class BertForTokenClassification(nn.Module):
         self.bert = BertModel(config)
         self.drop = Dropout(config.dropout)
         self.classifier = nn.Linear(config.hidden, num_labels)
+        self.skip_padding = True  # batches of sentences are padded: BertModel(skip_padding=True)
         init_weights(self, config.initializer_range)
 
     def forward(self, input_ids, attention_mask=None, token_type_ids=None, labels=None):
-        logits = self.classifier(self.drop(self.bert(input_ids, attention_mask, token_type_ids)))  # (B, T, K)
+        x = self.bert(input_ids, attention_mask, token_type_ids, skip_padding=self.skip_padding)
+        logits = self.classifier(self.drop(x))  # (B, T, K)
         loss = None
         if labels is not None:  # padding and non-first word pieces carry IGNORE_INDEX
             loss = F.cross_entropy(logits.view(-1, self.num_labels), labels.view(-1), ignore_index=IGNORE_INDEX)
@@ -313,10 +339,11 @@ class BertForSequenceClassification(nn.Module):
         self.pooler = nn.Linear(config.hidden, config.hidden)
         self.drop = Dropout(config.dropout)
         self.classifier = nn.Linear(config.hidden, num_labels)
+        self.skip_padding = True  # batches of sentences are padded: BertModel(skip_padding=True)
         init_weights(self, config.initializer_range)
 
     def forward(self, input_ids, attention_mask=None, token_type_ids=None, labels=None):
-        x = self.bert(input_ids, attention_mask, token_type_ids)
+        x = self.bert(input_ids, attention_mask, token_type_ids, skip_padding=self.skip_padding)
         pooled = torch.tanh(self.pooler(x[:, 0]))  # (B, C): the [CLS] position
         logits = self.classifier(self.drop(pooled))  # (B, K)
         loss = None
