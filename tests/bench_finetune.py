@@ -44,6 +44,7 @@ def main():
     rng = np.random.default_rng(0)
     random_batches = lambda: rng.permutation(len(train))[:len(train) // 32 * 32].reshape(-1, 32)
     variants = {"random, padding computed": (random_batches, False), "random": (random_batches, True),
+                "length-grouped, padding computed": (lambda: length_grouped_batches(lengths, 32, rng), False),
                 "length-grouped": (lambda: length_grouped_batches(lengths, 32, rng), True)}
     config = BertConfig(vocab_size=tokenizer.get_vocab_size())
     torch.manual_seed(0)
