@@ -65,7 +65,7 @@ class Config:
     other_seeds: int = 1           # runs of the other rows (general models, random init): cheaper, noisier
     search_seeds: int = 1          # the grid is searched with this many seeds, then the rest run the winner
     epochs: str = "5"              # a number, or a comma-separated grid searched on dev (e.g. 3,6); 5 rather
-                                   # than 3: the sparse models gain more from it (README, ladder rows R-S)
+                                   # than 3: the sparse models gain more from it (README, ladder rows R-T)
     lr: str = "1.5e-3,3e-3"        # a number, or a comma-separated grid searched on dev (90%-sparse
                                    # models want a higher rate than dense ones: README, recovery ladder)
     distill_hardness: str = "0,1"  # sparse models: weight of the soft loss from the dense teacher (1 = soft

@@ -314,7 +314,8 @@ class BertForTokenClassification(nn.Module):
         self.bert = BertModel(config)
         self.drop = Dropout(config.dropout)
         self.classifier = nn.Linear(config.hidden, num_labels)
-        self.skip_padding = True  # batches of sentences are padded: BertModel(skip_padding=True)
+        self.skip_padding = True  # batches of sentences are padded: BertModel(skip_padding); False
+                                  # computes the padding too (the reference in tests and bench_finetune.py)
         init_weights(self, config.initializer_range)
 
     def forward(self, input_ids, attention_mask=None, token_type_ids=None, labels=None):
@@ -339,7 +340,7 @@ class BertForSequenceClassification(nn.Module):
         self.pooler = nn.Linear(config.hidden, config.hidden)
         self.drop = Dropout(config.dropout)
         self.classifier = nn.Linear(config.hidden, num_labels)
-        self.skip_padding = True  # batches of sentences are padded: BertModel(skip_padding=True)
+        self.skip_padding = True  # as in BertForTokenClassification
         init_weights(self, config.initializer_range)
 
     def forward(self, input_ids, attention_mask=None, token_type_ids=None, labels=None):
