@@ -58,7 +58,7 @@ class Config:
     models: str = "out/general-dense,out/general-sparse90,out/bio-dense,out/bio-sparse90"  # checkpoint dirs
     random_baseline: bool = True   # also fine-tune a randomly initialised model of the same size
     tasks: str = "ncbi_disease,bc5cdr_chem,chemprot"  # names, ner:DIR or cls:DIR (comma-separated); hoc is
-                                   # left out by default: no model learns it in this budget (README)
+                                   # left out by default: no model learns it in this budget (docs/finetuning.md)
     data: str = "data"
     out: str = "out/finetune"
     seeds: int = 3                 # runs per (model, task, recipe) of the --seeded models: mean ± std
@@ -66,12 +66,12 @@ class Config:
     other_seeds: int = 1           # runs of the other rows (general models, random init): cheaper, noisier
     search_seeds: int = 1          # the grid is searched with this many seeds, then the rest run the winner
     epochs: str = "5"              # a number, or a comma-separated grid searched on dev (e.g. 3,6); 5 rather
-                                   # than 3: the sparse models gain more from it (README, ladder rows R-T)
+                                   # than 3: the sparse models gain more from it (docs/ladder.md, rows R-T)
     lr: str = "1.5e-3,3e-3"        # a number, or a comma-separated grid searched on dev (90%-sparse
-                                   # models want a higher rate than dense ones: README, recovery ladder)
+                                   # models want a higher rate than dense ones: docs/ladder.md)
     distill_hardness: str = "0"    # sparse models: weight of the soft loss from the dense teacher (1 = soft
                                    # only, 0 = none); a grid (0,1) is searched on dev too. Off by default:
-                                   # at 5 epochs it no longer pays (README, ladder row U), and costs 12 runs
+                                   # at 5 epochs it no longer pays (docs/ladder.md, row U), and costs 12 runs
     distill_temperature: float = 2.0
     batch_size: int = 32
     warmup: float = 0.1
@@ -220,7 +220,7 @@ def finetune_run(task, mlm, sparse, encoded, n_labels, epochs, lr, seed, teacher
     # NER: random batches of sentences of similar lengths (tasks.length_grouped_batches, half the
     # padding gone), each weighted by its labelled words in train(): a batch of short sentences
     # holds few. Sentence-level tasks keep plain random batches: grouped by length, their batches
-    # skew the label mix and the dense models' ChemProt runs collapsed (2 of 5 seeds, README row M)
+    # skew the label mix and the dense models' ChemProt runs collapsed (2 of 5 seeds, docs/ladder.md row M)
     lengths = [len(it["ids"]) for it in encoded["train"]]
     mean_labelled = (cfg.batch_size * sum(len(it["first"]) for it in encoded["train"]) / len(encoded["train"])
                      if task.kind == "ner" else None)

@@ -5,7 +5,7 @@
 Trains a fresh BertForMaskedLM on the general corpus (data/, tokenizer from train_general.py)
 with the package's own data, masking and schedule, and prints the held-out MLM loss (15% masked,
 fixed blocks and masks) every --eval-every steps next to the unigram loss of the same tokens.
-The README's time-to-quality table was made with it.
+The time-to-quality table (docs/time-to-quality.md) was made with it.
 """
 import argparse
 import time

@@ -4,8 +4,8 @@ Implements BERT as in Devlin et al. 2019 ("BERT: Pre-training of Deep Bidirectio
 Transformers", section 3 and appendix A) and as released in google-research/bert:
 learned position embeddings, token-type embeddings, post-LayerNorm residual blocks,
 exact GELU, LayerNorm eps 1e-12, and an MLM decoder tied to the word embeddings.
-Two named deviations are off in `BertConfig` (train_general.py turns on `alibi`; README,
-"Differences"): `pre_norm` (LayerNorm before each block) and `alibi` (a distance bias on the
+Two named deviations are off in `BertConfig` (train_general.py turns on `alibi`;
+docs/differences.md): `pre_norm` (LayerNorm before each block) and `alibi` (a distance bias on the
 attention scores, Press et al. 2022).
 
     from tiny_sparse_bert.model import BertConfig, BertForMaskedLM
@@ -213,8 +213,8 @@ def alibi_bias(n_head, T, device=None):
 
     ALiBi (Press et al. 2022), symmetric for a bidirectional encoder as in MosaicBERT (Portes et
     al. 2023). A steep head attends to its neighbours from the first step; with learned absolute
-    positions alone, a small BERT needs thousands of steps to discover that locality (README, time
-    to quality). The learned position embeddings stay: the bias is added, nothing is removed.
+    positions alone, a small BERT needs thousands of steps to discover that locality (docs/time-to-
+    quality.md). The learned position embeddings stay: the bias is added, nothing is removed.
     """
     pos = torch.arange(T, device=device)
     distance = (pos[None, :] - pos[:, None]).abs()  # (T, T)

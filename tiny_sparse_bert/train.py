@@ -359,7 +359,7 @@ def train(model, optimizer, batch_fn, steps, *, peak_lr, warmup_steps, ckpt_path
     `mean_labelled` (the mean number of labelled positions per batch) weights each batch's mean loss
     by its labelled positions / that mean: in length-grouped batches (`tasks.length_grouped_batches`)
     a batch of short sentences holds few labelled words, and unweighted it would count as much as a
-    batch of long ones (measured: 2 F1 points lost on BC5CDR-chem, README); the logged loss stays
+    batch of long ones (measured: 2 F1 points lost on BC5CDR-chem, docs/ladder.md row K); the logged loss stays
     the plain mean. `eval_fn(step)` returns a line to print. With `record_path`, every log line and
     mask update is also appended to that JSON-lines record (a resumed run first drops what came
     after its step).
