@@ -81,7 +81,7 @@ class Config:
     max_train: int = 2000          # training examples per task (0 = all)
     max_eval: int = 1000           # dev and test examples per task (0 = all)
     prune_during_finetune: float = 0.0  # ablation: prune dense models with GMP to this sparsity while fine-tuning
-    device: str = "auto"           # auto | cpu | cuda
+    device: str = "auto"           # auto (cuda, then mps, then cpu) | cpu | cuda | cuda:N | mps
     compile: bool = False         # torch.compile the model (worth it on a GPU)
     precision: str = "auto"        # auto (bf16 on CUDA and AMX CPUs, else fp32) | bf16 | fp32
 

@@ -72,7 +72,7 @@ class Config:
     log_every: int = 50
     ckpt_every: int = 250
     seed: int = 0
-    device: str = "auto"           # auto | cpu | cuda
+    device: str = "auto"           # auto (cuda, then mps, then cpu) | cpu | cuda | cuda:N | mps
     compile: bool = False         # torch.compile the model (worth it on a GPU)
     static_mlm: bool = False       # a fixed number of MLM predictions per batch: static shapes for --compile
     precision: str = "auto"        # auto (bf16 on CUDA and AMX CPUs, else fp32) | bf16 | fp32

@@ -35,7 +35,7 @@ def test_options_are_checked_at_start_up():
             parse_config(Config, {"default": {}}, "", ["--resume", typo])
         assert e.value.code == 2  # argparse's usage error, nothing started
     for name in ("gpu", "cuda0", "tpu"):
-        with pytest.raises(SystemExit, match="use auto, cpu, cuda or cuda:N"):
+        with pytest.raises(SystemExit, match="use auto, cpu, cuda, cuda:N or mps"):
             pick_device(name)
 
 

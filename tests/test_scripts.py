@@ -237,7 +237,7 @@ def test_rerun_over_a_run_is_refused_and_overwrite_repeats_it_exactly(general, m
 def test_bad_options_stop_before_any_work(mirror_data, tmp_path):
     for extra, message in ((["--final-sparsity", "1.5"], "error: --final-sparsity 1.5: must be in [0, 1)"),
                            (["--batch-size", "0"], "error: --batch-size 0: must be > 0"),
-                           (["--device", "gpu"], "error: --device 'gpu': use auto, cpu, cuda or cuda:N")):
+                           (["--device", "gpu"], "error: --device 'gpu': use auto, cpu, cuda, cuda:N or mps")):
         assert run_failing(["train_general.py", "--preset", "tiny", "--data", mirror_data,
                             "--out", str(tmp_path / "out"), *extra]) == message
     assert not (tmp_path / "out").exists()  # nothing written, not even the tokenizer

@@ -1,6 +1,7 @@
 import os
 import signal
 from dataclasses import replace
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -109,6 +110,9 @@ def test_cuda_arguments_without_a_gpu(monkeypatch):
     assert use_bf16(torch.device("cuda")) and not use_bf16(torch.device("cpu"), "fp32")
     with pytest.raises(SystemExit, match="--precision"):
         use_bf16(torch.device("cpu"), "fp16")
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
+    with pytest.raises(SystemExit, match="no Apple GPU"):
+        pick_device("mps")
     monkeypatch.delenv("RANK", raising=False)
     assert setup_distributed("cpu") == (0, 1, torch.device("cpu"))
 
@@ -335,3 +339,28 @@ def test_train_flops_of_bert_base_match_the_6nd_rule():
     weights = L * (4 * H * H + 2 * H * I) + H * H + H * V
     attention = 3 * B * T * L * 4 * T * H
     assert bench.train_flops(L, H, I, V, B, T, P) == 6 * weights * B * T + attention
+
+
+def test_device_auto_prefers_cuda_then_mps_then_cpu(monkeypatch):
+    """--device auto, with each kind of accelerator faked visible or not (no GPU is touched)."""
+    from tiny_sparse_bert.train import pick_device, to_device, use_bf16
+    for cuda, mps, expected in ((True, True, "cuda"), (False, True, "mps"), (False, False, "cpu")):
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
+        monkeypatch.setattr(torch.backends.mps, "is_available", lambda: mps)
+        assert pick_device("auto").type == expected
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: True)
+    assert pick_device("mps").type == "mps"
+    monkeypatch.setattr("tiny_sparse_bert.train.cpu_has_amx", lambda: True)
+    assert not use_bf16(torch.device("mps")) and use_bf16(torch.device("cpu"))  # auto: AMX is a CPU's, not mps's
+    assert use_bf16(torch.device("mps"), "bf16")
+    moved = []
+    tensor = SimpleNamespace(to=lambda device: moved.append(device.type))  # records where it is sent
+    to_device({"input_ids": tensor}, torch.device("mps"))
+    assert moved == ["mps"]  # a batch for mps is moved there, not left on the CPU
+
+
+def test_sparse_inference_says_it_does_not_run_on_mps():
+    from tiny_sparse_bert.sparse import convert_to_sparse
+    on_mps = SimpleNamespace(parameters=lambda: iter([SimpleNamespace(device=torch.device("mps"))]))
+    with pytest.raises(ValueError, match="not on mps: call model.cpu"):
+        convert_to_sparse(on_mps)

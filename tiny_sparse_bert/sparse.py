@@ -102,6 +102,8 @@ def convert_to_sparse(model, min_sparsity=0.7):
     Below ~70% zeros a CSR product is slower than MKL's dense one, so those layers stay dense, as
     do attention itself, embeddings, LayerNorms and heads. For inference only (no gradients).
     """
+    if next(model.parameters()).device.type == "mps":  # torch has no sparse CSR products on Apple's GPU
+        raise ValueError("sparse CSR inference runs on the CPU (or CUDA), not on mps: call model.cpu() first")
     converted = 0
     for name in list(prunable_parameters(model)):
         module_path = name.rsplit(".", 1)[0]  # "...layers.0.query.weight" -> "...layers.0.query"

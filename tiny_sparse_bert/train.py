@@ -34,16 +34,19 @@ from .model import IGNORE_INDEX
 # ---------------------------------------------------------------------------------- devices
 
 def pick_device(name="auto"):
-    """torch.device of --device: auto (CUDA if visible, else CPU), cpu, cuda or cuda:N."""
-    if name != "auto" and name != "cpu" and not (name == "cuda" or name.startswith("cuda:") and name[5:].isdigit()):
-        raise SystemExit(f"error: --device {name!r}: use auto, cpu, cuda or cuda:N")
+    """torch.device of --device: auto (CUDA, then Apple's GPU, then the CPU), cpu, cuda, cuda:N or mps."""
+    if name not in ("auto", "cpu", "mps", "cuda") and not (name.startswith("cuda:") and name[5:].isdigit()):
+        raise SystemExit(f"error: --device {name!r}: use auto, cpu, cuda, cuda:N or mps")
     if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
+        name = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
     if name.startswith("cuda"):
         if not torch.cuda.is_available():
             raise SystemExit("error: --device cuda but no CUDA GPU is visible; use --device cpu")
         torch.backends.cuda.matmul.allow_tf32 = True  # TF32 matmuls on Ampere and newer
         torch.backends.cudnn.allow_tf32 = True
+    if name == "mps" and not torch.backends.mps.is_available():
+        raise SystemExit("error: --device mps but PyTorch sees no Apple GPU (macOS 12.3+ on Apple silicon); "
+                         "use --device cpu")
     return torch.device(name)
 
 
@@ -96,10 +99,11 @@ def cpu_has_amx():
 
 
 def use_bf16(device, precision="auto"):
-    """precision 'bf16' or 'fp32', or 'auto': bf16 on CUDA and on AMX CPUs, else fp32."""
+    """precision 'bf16' or 'fp32', or 'auto': bf16 on CUDA and on AMX CPUs, else fp32 (Apple's GPU too)."""
     if precision not in ("auto", "bf16", "fp32"):
         raise SystemExit(f"error: --precision {precision!r}: use auto, bf16 or fp32")
-    return precision == "bf16" or (precision == "auto" and (device.type == "cuda" or cpu_has_amx()))
+    return precision == "bf16" or (precision == "auto" and (device.type == "cuda" or
+                                                            device.type == "cpu" and cpu_has_amx()))
 
 
 def autocast(device, bf16):
@@ -111,7 +115,7 @@ def to_device(batch, device):
     """Move a dict of tensors; pinned memory and non_blocking let the copy overlap compute on CUDA."""
     if device.type == "cuda":
         return {k: v.pin_memory().to(device, non_blocking=True) for k, v in batch.items()}
-    return batch
+    return batch if device.type == "cpu" else {k: v.to(device) for k, v in batch.items()}
 
 
 # ---------------------------------------------------------------------------------- schedule, optimizer
