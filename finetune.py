@@ -1,25 +1,11 @@
 """Step 3 of 3: fine-tune checkpoints on biomedical tasks and print the comparison table.
 
 Sparse*BERT's claim (Campos et al. 2022, table 2): fine-tuned with the pruning mask held fixed,
-the 90%-sparse model transferred to the biomedical domain matches its dense counterpart. Each
-checkpoint is fine-tuned on each task; a randomly initialised model of the same size shows what
-pretraining is worth. Comparisons are fair by construction:
-
-- every model gets the same recipe search: `--epochs` and `--lr` take comma-separated grids; each
-  (model, task) runs every recipe with its first `--search-seeds` seeds (1) and keeps the one with
-  the best mean dev score (never test), then runs its other seeds at that recipe;
-- a result is the mean and spread of the test scores of `--seeds` runs at that recipe (3 for the
-  `--seeded` comparison, bio-dense vs bio-sparse90; `--other-seeds` 1 for the other rows);
-- sparse-transfer distillation (`--distill-hardness`, Neural Magic's sparse-transfer recipes):
-  each sparse model learns from its dense counterpart (bio-sparse90 from bio-dense), fine-tuned
-  first in the same run, at its own dev-selected recipe, with the same seed. The grid
-  `--distill-hardness 0,1` lets dev decide, per task, whether distillation pays; the default 0
-  leaves it off (at 5 epochs the sparse models recover as well without it).
-
-The task heads run the encoder on the real positions of a batch only (`model.BertModel`'s
-skip_padding: random batches of sentences are 40-50% padding). NER training batches are also
-drawn by length (`tasks.length_grouped_batches`: 4% padding left for attention, which still sees
-it) and weighted by their labelled words (`train(mean_labelled)`).
+the 90%-sparse model transferred to the biomedical domain matches its dense counterpart. Every
+checkpoint, and a random initialisation of the same size, is fine-tuned on every task with the
+same search: each recipe of the grids (`--epochs`, `--lr`, `--distill-hardness`) with the first
+`--search-seeds` seeds, the best mean *dev* score kept (never test), the other seeds at that
+recipe. Grids, scoring and the table are in tiny_sparse_bert/transfer.py.
 
     python finetune.py                                   # the README's four models + random init
     python finetune.py --epochs 3,6 --lr 6e-4,1.5e-3 --search-seeds 3 --tasks ncbi_disease
@@ -28,29 +14,25 @@ it) and weighted by their labelled words (`train(mean_labelled)`).
     python finetune.py --prune-during-finetune 0.9       # ablation: GMP during fine-tuning only
     python finetune.py --preset tiny                     # seconds, for tests
 
-Writes results.md and results.json (every run: recipe, seed, dev curve, dev and test scores) to
---out. Run it cell by cell (`# %%`) or top to bottom.
+Writes results.md and results.json (every run: recipe, seed, dev curve, scores) to --out.
 """
 # %% 1) config
 import copy
-import json
 import os
-import statistics
 import sys
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 
 import numpy as np
 import torch
 
 from tiny_sparse_bert.config import check_options, check_run_dir, check_writable, dense_counterpart, parse_config
-from tiny_sparse_bert.data import load_tokenizer
-from tiny_sparse_bert.model import BertConfig, BertForMaskedLM, BertForSequenceClassification, BertForTokenClassification
-from tiny_sparse_bert.pruning import MagnitudePruner, prunable_parameters
-from tiny_sparse_bert.tasks import (best_threshold, collate, encode, entity_f1, f1_scores, get_task, label_list,
-                                   length_grouped_batches, load_splits, multilabel_f1)
-from tiny_sparse_bert.train import (autocast, load_checkpoint, make_optimizer, setup_distributed, to_device, train,
-                                    use_bf16, wrap_ddp)
+from tiny_sparse_bert.model import BertForMaskedLM
+from tiny_sparse_bert.pruning import MagnitudePruner
+from tiny_sparse_bert.tasks import collate, encode, get_task, length_grouped_batches
+from tiny_sparse_bert.train import make_optimizer, setup_distributed, train, use_bf16, wrap_ddp
+from tiny_sparse_bert.transfer import (encoder_info, evaluate, grid, head_model, load_encoder, load_task_data,
+                                       recipe_of, results_table, run_summary, seeds_for, select_recipe, write_results)
 
 
 @dataclass
@@ -99,19 +81,6 @@ check_options(cfg, positive=("seeds", "other_seeds", "search_seeds", "batch_size
               below_one=("dropout", "prune_during_finetune"))
 
 
-def grid(option, text):
-    """`--epochs 2,6` -> [2.0, 6.0]; values must be positive (in [0, 1] for the hardness)."""
-    try:
-        values = [float(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        values = []
-    ok = (lambda v: 0 <= v <= 1) if option == "distill-hardness" else (lambda v: v > 0)
-    if not values or not all(ok(v) for v in values):
-        what = "numbers in [0, 1]" if option == "distill-hardness" else "positive numbers"
-        raise SystemExit(f"error: --{option} {text!r}: give one or a comma-separated list of {what}")
-    return values
-
-
 recipes = [(epochs, lr) for epochs in grid("epochs", cfg.epochs) for lr in grid("lr", cfg.lr)]
 hardness_grid = grid("distill-hardness", cfg.distill_hardness)
 distilling = any(h > 0 for h in hardness_grid)
@@ -125,36 +94,14 @@ if rank != 0:
     sys.stdout = open(os.devnull, "w")  # only rank 0 prints and writes files
 print(f"config (preset {preset}, {world} process{'es' if world > 1 else ''} on {device}{', bf16' if bf16 else ''}): {asdict(cfg)}")
 tasks = [get_task(t) for t in cfg.tasks.split(",") if t]
+seeds_of = lambda name: seeds_for(name, cfg.seeded, cfg.seeds, cfg.other_seeds)
 t_start = time.time()
 
-# %% 2) data: each task's splits, read and checked once (encoded per tokenizer below)
-splits, labels = {}, {}
-for task in tasks:
-    try:
-        splits[task.name] = load_splits(task, cfg.data)
-    except ValueError as e:  # a malformed line: the reader's message names the file, line and format
-        raise SystemExit(f"error: {e}")
-    labels[task.name] = label_list(task, splits[task.name])
-    for split, limit in (("train", cfg.max_train), ("dev", cfg.max_eval), ("test", cfg.max_eval)):
-        if limit:  # a seeded sample, not the first lines (files are often sorted by document)
-            examples = splits[task.name][split]
-            keep = np.random.default_rng(0).permutation(len(examples))[:limit]
-            splits[task.name][split] = [examples[i] for i in sorted(keep)]
-    print(f"{task.name}: {task.kind}, {len(labels[task.name])} labels, "
-          + ", ".join(f"{k} {len(v)}" for k, v in splits[task.name].items()))
+# %% 2) data: each task's splits, read and checked once (encoded per tokenizer in 5)
+splits, labels = load_task_data(tasks, cfg.data, cfg.max_train, cfg.max_eval)
 
-
-# %% 3) models: load a pretrained encoder (or a random one) under a task head
-def load_encoder(directory):
-    """(name, BertForMaskedLM, is_sparse, tokenizer) of a checkpoint directory."""
-    ckpt = load_checkpoint(os.path.join(directory, "ckpt.pt"), "train_general.py or train_bio.py")
-    mlm = BertForMaskedLM(BertConfig(**ckpt["model_config"]))
-    mlm.load_state_dict(ckpt["model"])
-    tokenizer = load_tokenizer(os.path.join(directory, "tokenizer.json"))
-    return os.path.basename(directory.rstrip("/")), mlm, ckpt.get("pruner") is not None, tokenizer
-
-
-encoders = [load_encoder(d) for d in model_dirs]
+# %% 3) models: the pretrained checkpoints, and a random initialisation of the same size
+encoders = [load_encoder(d) for d in model_dirs]  # (name, BertForMaskedLM, is_sparse, tokenizer)
 if cfg.random_baseline:
     assert encoders, "--random-baseline needs one checkpoint for its size and tokenizer"
     _, like, _, tokenizer = encoders[0]
@@ -162,54 +109,14 @@ if cfg.random_baseline:
     encoders.append(("random-init", BertForMaskedLM(like.config), False, tokenizer))
 
 
-def head_model(task, mlm, n_labels):
-    config = replace(mlm.config, dropout=cfg.dropout)
-    model = (BertForTokenClassification(config, n_labels) if task.kind == "ner"
-             else BertForSequenceClassification(config, n_labels, multi_label=task.kind == "multi"))
-    model.bert.load_state_dict(mlm.bert.state_dict())  # the encoder; the head starts fresh
-    return model.to(device)
-
-
-@torch.no_grad()
-def evaluate(model, task, items, n_labels, threshold=None):
-    """The task's metrics on encoded examples (batched by length, so little padding).
-
-    A multi-label task predicts the labels whose probability exceeds `threshold`; None tunes it on
-    these items (do that on dev only) and reports it with the metrics.
-    """
-    model.eval()
-    order = sorted(range(len(items)), key=lambda i: len(items[i]["ids"]))
-    preds = [None] * len(items)
-    for start in range(0, len(order), 64):
-        idx = order[start:start + 64]
-        batch = to_device(collate([items[i] for i in idx], task.kind), device)
-        with autocast(device, bf16):
-            logits, _ = model(batch["input_ids"], batch["attention_mask"], batch["token_type_ids"])
-        logits = logits.float().cpu()
-        for row, i in enumerate(idx):
-            preds[i] = (logits[row].argmax(-1) if task.kind == "ner" else
-                        logits[row].sigmoid() if task.kind == "multi" else logits[row].argmax())
-    model.train()
-    names = labels[task.name]
-    if task.kind == "ner":  # one prediction per word, read at its first piece; words cut off by max_len get O
-        gold = [[names[l] for l in it["word_labels"]] for it in items]
-        pred = [[names[int(p[pos])] for pos in it["first"]] + ["O"] * (len(it["word_labels"]) - len(it["first"]))
-                for it, p in zip(items, preds)]
-        return entity_f1(gold, pred)
-    if task.kind == "multi":
-        gold, probs = np.array([it["y"] for it in items]), torch.stack(preds).numpy()
-        threshold = best_threshold(gold, probs) if threshold is None else threshold
-        return {**multilabel_f1(gold, probs > threshold), "threshold": threshold}
-    return f1_scores([it["y"] for it in items], [int(p) for p in preds], n_labels)
-
-
-# %% 4) fine-tune every model on every task: the same recipe grid and seeds for all, mask frozen for sparse ones
-def finetune_run(task, mlm, sparse, encoded, n_labels, epochs, lr, seed, teacher=None, hardness=0.0):
+# %% 4) one fine-tuning run: a task head on the encoder, the pretrained zeros kept, the best dev epoch kept
+def finetune_run(task, mlm, sparse, encoded, epochs, lr, seed, teacher=None, hardness=0.0):
     """Fine-tune one model once; return its dev-selected weights and scores (dev after every epoch)."""
+    names = labels[task.name]
     steps_per_epoch = max(1, len(encoded["train"]) // cfg.batch_size)
     steps = max(1, round(epochs * steps_per_epoch))
     torch.manual_seed(seed)
-    model = head_model(task, mlm, n_labels)
+    model = head_model(task, mlm, len(names), cfg.dropout).to(device)
     if sparse:
         pruner = MagnitudePruner.from_sparse_model(model)  # the pretrained zeros stay zero
     elif cfg.prune_during_finetune > 0:
@@ -238,7 +145,7 @@ def finetune_run(task, mlm, sparse, encoded, n_labels, epochs, lr, seed, teacher
     best = {"dev": -1.0, "state": None, "threshold": None, "dev_curve": []}
 
     def select_on_dev(step=None):  # keep the weights (and multi-label threshold) of the best dev score
-        dev = evaluate(model, task, encoded["dev"], n_labels)
+        dev = evaluate(model, task, encoded["dev"], names, device, bf16)
         best["dev_curve"].append(round(dev[task.metric], 4))
         if dev[task.metric] > best["dev"]:
             best.update(dev=dev[task.metric], state=copy.deepcopy(model.state_dict()), threshold=dev.get("threshold"))
@@ -254,7 +161,7 @@ def finetune_run(task, mlm, sparse, encoded, n_labels, epochs, lr, seed, teacher
     model.load_state_dict(best["state"])
     if sparse:  # exactly the pretrained zeros, no more, no fewer
         assert all(torch.equal(w != 0, pruner.masks[n]) for n, w in pruner.params.items()), "mask changed"
-    test = evaluate(model, task, encoded["test"], n_labels, best["threshold"])
+    test = evaluate(model, task, encoded["test"], names, device, bf16, best["threshold"])
     run = {"epochs": epochs, "lr": lr, "distill_hardness": hardness, "seed": seed, "teacher": teacher is not None,
            "distill_temperature": cfg.distill_temperature if teacher is not None else None, "dev": best["dev"],
            "dev_curve": best["dev_curve"], "test": test[task.metric], "test_metrics": test}
@@ -263,34 +170,13 @@ def finetune_run(task, mlm, sparse, encoded, n_labels, epochs, lr, seed, teacher
     return run, best["state"]
 
 
-def n_seeds(name):
-    """--seeds for the --seeded models, --other-seeds for the rest. A sparse model counts as its dense
-    counterpart: that model teaches it seed by seed, so both need the same seeds."""
-    family = lambda n: dense_counterpart(n) or n
-    seeded = cfg.seeded == "all" or family(name) in {family(n) for n in cfg.seeded.split(",")}
-    return cfg.seeds if seeded else cfg.other_seeds
-
-
-def recipe_of(run):
-    return run["epochs"], run["lr"], run["distill_hardness"]
-
-
-def as_teacher(task, mlm, n_labels, state):
-    """A frozen copy of a fine-tuned dense model, in eval mode (no dropout in its soft targets)."""
-    teacher = head_model(task, mlm, n_labels)
-    teacher.load_state_dict(state)
-    return teacher.eval().requires_grad_(False)
-
-
-results = {}   # model name -> task name -> {"recipe": (epochs, lr, hardness), "runs": [every run, every recipe]}
-info, kept_states = {}, {}  # kept_states[(dense model, task)] = its fine-tuned weights per seed (the teachers)
-encodings = {}  # encoded once per tokenizer and task (the checkpoints of one run share a tokenizer)
+# %% 5) every model on every task: the same recipe grid and seeds for all (dense models first: they teach)
 names_in_run = [name for name, *_ in encoders]
-for name, mlm, sparse, tokenizer in sorted(encoders, key=lambda e: e[2]):  # dense first: they teach
-    weights = prunable_parameters(mlm).values()
-    nonzero = sum(int((w != 0).sum()) for w in weights)
-    info[name] = {"sparse": sparse, "sparsity": 1 - nonzero / sum(w.numel() for w in weights), "nonzero": nonzero}
-    results[name] = {}
+results = {name: {} for name in names_in_run}  # name -> task -> {"recipe": (epochs, lr, hardness), "runs": [...]}
+info, teachers = {}, {}  # teachers[(dense model, task)] = its fine-tuned weights per seed
+encodings = {}  # encoded once per tokenizer and task (the checkpoints of one run share a tokenizer)
+for name, mlm, sparse, tokenizer in sorted(encoders, key=lambda e: e[2]):
+    info[name] = encoder_info(mlm, sparse)
     is_teacher = distilling and name in map(dense_counterpart, names_in_run)
     teacher_name = dense_counterpart(name) if distilling and sparse else None
     if teacher_name and teacher_name not in names_in_run:
@@ -299,89 +185,46 @@ for name, mlm, sparse, tokenizer in sorted(encoders, key=lambda e: e[2]):  # den
     info[name]["teacher"] = teacher_name
     model_recipes = [(e, lr, h) for e, lr in recipes for h in (hardness_grid if teacher_name else [0.0])]
     for task in tasks:
-        n_labels = len(labels[task.name])
         key = (tokenizer.to_str(), task.name)
         if key not in encodings:
             encodings[key] = {s: encode(task, ex, tokenizer, labels[task.name], cfg.max_len)
                               for s, ex in splits[task.name].items()}
-        encoded = encodings[key]
-        teacher_states = kept_states[(teacher_name, task.name)] if teacher_name else None
         runs, states = [], {}
 
         def run_seed(recipe, seed):
             epochs, lr, hardness = recipe
-            teacher = as_teacher(task, mlm, n_labels, teacher_states[seed]) if hardness > 0 else None
-            run, state = finetune_run(task, mlm, sparse, encoded, n_labels, epochs, lr, seed, teacher, hardness)
+            teacher = None
+            if hardness > 0:  # the dense counterpart fine-tuned with this seed, frozen, in eval mode (no dropout)
+                teacher = head_model(task, mlm, len(labels[task.name]), cfg.dropout,
+                                     teachers[(teacher_name, task.name)][seed]).to(device).eval().requires_grad_(False)
+            run, state = finetune_run(task, mlm, sparse, encodings[key], epochs, lr, seed, teacher, hardness)
             runs.append(run)
             if is_teacher:
                 states[(epochs, lr, seed)] = state
-            tests = ", ".join(f"test {k} {v:.4f}" for k, v in run["test_metrics"].items())
-            print(f"{name} / {task.name} / {epochs:g} epochs, lr {lr:g}"
-                  f"{f', distilled (hardness {hardness:g})' if teacher else ''} / seed {seed}: "
-                  f"dev {task.metric} {run['dev']:.4f}, {tests}")
+            print(run_summary(name, task, run))
 
-        # the grid is searched with the first --search-seeds seeds: the recipe with the best mean dev score
-        # wins (test is never looked at), then the remaining seeds run that recipe; its test scores are the result
-        search = range(min(cfg.search_seeds, n_seeds(name)))
+        search = range(min(cfg.search_seeds, seeds_of(name)))  # the grid, searched with the first seeds
         for recipe in model_recipes:
             for seed in search:
                 run_seed(recipe, seed)
-        recipe = max(model_recipes, key=lambda r: statistics.mean(x["dev"] for x in runs if recipe_of(x) == r))
-        for seed in range(len(search), n_seeds(name)):
+        recipe = select_recipe(runs, model_recipes)  # best mean dev score; then the other seeds at that recipe
+        for seed in range(len(search), seeds_of(name)):
             run_seed(recipe, seed)
         for run in runs:
             run["selected"] = recipe_of(run) == recipe
         results[name][task.name] = {"recipe": recipe, "runs": runs}
         if is_teacher:
-            kept_states[(name, task.name)] = [states[(*recipe[:2], seed)] for seed in range(n_seeds(name))]
+            teachers[(name, task.name)] = [states[(*recipe[:2], seed)] for seed in range(seeds_of(name))]
     if sparse:
         info[name]["mask_unchanged"] = True  # checked after every run
     if cfg.prune_during_finetune > 0 and not sparse:
         info[name]["pruned_in_finetune"] = cfg.prune_during_finetune
 
-
-# %% 5) the comparison table: one row per model, one column per task, average and recovery
-def test_scores(name, task_name):  # the test scores of the dev-selected recipe, one per seed
-    return [run["test"] for run in results[name][task_name]["runs"] if run["selected"]]
-
-
-def mean_std(xs):
-    return statistics.mean(xs), (statistics.stdev(xs) if len(xs) > 1 else 0.0)
-
-
-def average(name):  # the mean over tasks of the mean over seeds
-    return statistics.mean(mean_std(test_scores(name, t.name))[0] for t in tasks)
-
-
-header = ["model", "sparsity", "non-zero encoder weights", "seeds"] + [f"{t.name} ({t.metric})" for t in tasks] + \
-         ["average", "recovery vs dense"]
-rows = []
-for name in names_in_run:
-    counterpart = dense_counterpart(name)
-    recovery = f"{100 * average(name) / average(counterpart):.1f}%" if counterpart in results else ""
-    cells = [f"{100 * m:.1f} ± {100 * s:.1f}" if n_seeds(name) > 1 else f"{100 * m:.1f}"
-             for m, s in (mean_std(test_scores(name, t.name)) for t in tasks)]
-    sparsity = f"{info[name]['sparsity']:.0%}"
-    if "pruned_in_finetune" in info[name]:  # the ablation: a dense model pruned by GMP while it fine-tunes
-        sparsity += f" -> {info[name]['pruned_in_finetune']:.0%} while fine-tuning"
-    rows.append([name, sparsity, f"{info[name]['nonzero']:,}", str(n_seeds(name))] + cells +
-                [f"{100 * average(name):.1f}", recovery])
-table = "\n".join("| " + " | ".join(r) + " |" for r in [header, ["---"] * len(header)] + rows)
-chosen = "\n".join(f"- {name}: " + ", ".join(
-    f"{t} {e:g} epochs lr {lr:g}" + (f" distilled from {info[name]['teacher']} (hardness {h:g})" if h else "")
-    for t, r in results[name].items() for e, lr, h in [r["recipe"]]) for name in names_in_run)
+# %% 6) the comparison table: a row per model, a column per task, the average and the recovery
+table, chosen = results_table(results, info, tasks, seeds_of)
 print(f"\n{table}\n\nrecipes selected on dev (grid: epochs {cfg.epochs}, lr {cfg.lr}, distillation hardness "
       f"{cfg.distill_hardness} for sparse models with their dense counterpart in --models):\n{chosen}")
-if rank != 0:
-    sys.exit(0)
-os.makedirs(cfg.out, exist_ok=True)
-with open(os.path.join(cfg.out, "results.md"), "w") as f:
-    f.write(f"Test scores (x100), mean ± std over the seeds at each model's dev-selected recipe; "
-            f"`python finetune.py` with {asdict(cfg)}\n\n{table}\n\nRecipes selected on dev:\n{chosen}\n")
-with open(os.path.join(cfg.out, "results.json"), "w") as f:
-    json.dump({"config": asdict(cfg), "models": info,
-               "scores": {n: {t: test_scores(n, t) for t in r} for n, r in results.items()},
-               "recipes": {n: {t: r["recipe"] for t, r in rs.items()} for n, rs in results.items()},
-               "runs": {n: {t: r["runs"] for t, r in rs.items()} for n, rs in results.items()}}, f, indent=1)
-print(f"\n{(time.time() - t_start) / 60:.1f} min; wrote {cfg.out}/results.md and results.json")
-print(f"figures: python -m tiny_sparse_bert.plots {os.path.dirname(os.path.normpath(cfg.out)) or '.'}")
+if rank == 0:
+    write_results(cfg.out, asdict(cfg), table, chosen, info, results)
+    print(f"\n{(time.time() - t_start) / 60:.1f} min; wrote {cfg.out}/results.md and results.json")
+    print(f"figures: python -m tiny_sparse_bert.plots {os.path.dirname(os.path.normpath(cfg.out)) or '.'}")
