@@ -30,7 +30,8 @@ from tiny_sparse_bert.config import check_options, check_run_dir, check_writable
 from tiny_sparse_bert.model import BertForMaskedLM
 from tiny_sparse_bert.pruning import MagnitudePruner
 from tiny_sparse_bert.tasks import collate, encode, get_task, length_grouped_batches
-from tiny_sparse_bert.train import make_optimizer, setup_distributed, train, use_bf16, wrap_ddp
+from tiny_sparse_bert.train import (Distillation, Reporting, Runtime, make_optimizer, setup_distributed, train,
+                                    use_bf16, wrap_ddp)
 from tiny_sparse_bert.transfer import (encoder_info, evaluate, grid, head_model, load_encoder, load_task_data,
                                        recipe_of, results_table, run_summary, seeds_for, select_recipe, write_results)
 
@@ -151,12 +152,11 @@ def finetune_run(task, mlm, sparse, encoded, epochs, lr, seed, teacher=None, har
             best.update(dev=dev[task.metric], state=copy.deepcopy(model.state_dict()), threshold=dev.get("threshold"))
         return f"dev {task.metric} {dev[task.metric]:.4f}"
 
+    distill = Distillation(teacher, hardness, cfg.distill_temperature, task.kind) if teacher else None
     train(model, make_optimizer(model, lr, cfg.weight_decay), batch_fn, steps, peak_lr=lr,
-          warmup_steps=int(cfg.warmup * steps), ckpt_path=None, extra_state={}, pruner=pruner,
-          teacher=teacher, distill_alpha=hardness, distill_temperature=cfg.distill_temperature,
-          distill_kind=task.kind, eval_fn=select_on_dev, eval_every=steps_per_epoch, log_every=max(1, steps // 4),
-          device=device, ddp_model=wrap_ddp(model, device, world), is_main=rank == 0, compile=cfg.compile, bf16=bf16,
-          mean_labelled=mean_labelled)
+          warmup_steps=int(cfg.warmup * steps), pruner=pruner, mean_labelled=mean_labelled, distill=distill,
+          report=Reporting(log_every=max(1, steps // 4), eval_fn=select_on_dev, eval_every=steps_per_epoch),
+          runtime=Runtime(device, wrap_ddp(model, device, world), rank == 0, cfg.compile, bf16=bf16))
     select_on_dev()
     model.load_state_dict(best["state"])
     if sparse:  # exactly the pretrained zeros, no more, no fewer

@@ -22,14 +22,13 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from tiny_sparse_bert.config import (check_options, check_resume_config, check_run_dir, check_writable, parse_config,
-                                     save_run_files)
-from tiny_sparse_bert.data import Blocks, corpus_files, load_tokenizer, tokenize_corpus
+from tiny_sparse_bert.config import check_options, check_run_dir, claim_run_dir, parse_config, save_run_files
+from tiny_sparse_bert.data import Blocks, load_tokenizer
 from tiny_sparse_bert.model import BertConfig, BertForMaskedLM
 from tiny_sparse_bert.pruning import MagnitudePruner
-from tiny_sparse_bert.train import (append_record, barrier, evaluate_mlm, load_checkpoint, make_optimizer, mlm_batch,
-                                    resume, setup_distributed, static_predictions, train, unigram_log_probs, use_bf16,
-                                    wrap_ddp)
+from tiny_sparse_bert.train import (Checkpoints, Reporting, Runtime, held_out_line, load_checkpoint, make_optimizer,
+                                    mlm_batch, mlm_corpora, resume, setup_distributed, static_predictions, train,
+                                    use_bf16, wrap_ddp)
 
 
 @dataclass
@@ -81,14 +80,7 @@ out_dir = cfg.out or os.path.join(os.path.dirname(os.path.normpath(cfg.init)),
 if os.path.abspath(out_dir) == os.path.abspath(cfg.init):
     raise SystemExit(f"error: --out {out_dir} is the --init directory; choose another --out")
 ckpt_path, record_path = os.path.join(out_dir, "ckpt.pt"), os.path.join(out_dir, "record.jsonl")
-if cfg.resume and cfg.overwrite:
-    raise SystemExit("error: --resume continues the run in --out, --overwrite replaces it: choose one")
-if os.path.exists(ckpt_path) and not (cfg.resume or cfg.overwrite):
-    raise SystemExit(f"error: {ckpt_path} exists (an earlier run); continue it with --resume, or start over "
-                     f"with --overwrite (or choose another --out)")
-if cfg.resume and os.path.exists(ckpt_path):
-    check_resume_config(ckpt_path, cfg, BOOKKEEPING, "steps")
-check_writable(out_dir)
+claim_run_dir(cfg, out_dir, [(ckpt_path, BOOKKEEPING, "steps")])  # an earlier run: --resume, --overwrite, or refused
 init = load_checkpoint(os.path.join(cfg.init, "ckpt.pt"), "train_general.py")
 torch.manual_seed(cfg.seed)
 rank, world, device = setup_distributed(cfg.device)  # one process, or one of `torchrun --nproc_per_node N`
@@ -104,29 +96,18 @@ t_start = time.time()
 
 # %% 2) data: the general checkpoint's tokenizer on the biomedical corpus
 tokenizer = load_tokenizer(os.path.join(cfg.init, "tokenizer.json"))
-cache = os.path.join(cfg.data, "cache")
-if rank != 0:  # rank 0 builds the token caches, the others then read them
-    barrier(world)
-bio_train, bio_val = tokenize_corpus("bio", corpus_files(cfg.data, "bio"), tokenizer, cache, cfg.max_docs or None)
-general_train, general_val = tokenize_corpus("general", corpus_files(cfg.data, "general"), tokenizer, cache,
-                                             cfg.max_docs or None)
-if rank == 0:
-    barrier(world)
-print(f"biomedical corpus: {len(bio_train):,} training and {len(bio_val):,} held-out tokens")
+corpora = mlm_corpora(cfg.data, tokenizer, cfg.seq_len, cfg.batch_size, cfg.max_docs, rank, world)
+bio_train = corpora["bio"][0]
+print(f"biomedical corpus: {len(bio_train):,} training and {len(corpora['bio'][1].tokens):,} held-out tokens")
 blocks = Blocks(bio_train, cfg.seq_len, cfg.batch_size, seed=cfg.seed)
 vocab_size = tokenizer.get_vocab_size()
-held_out = {"bio": (Blocks(bio_val, cfg.seq_len, cfg.batch_size), unigram_log_probs(bio_train, vocab_size)),
-            "general": (Blocks(general_val, cfg.seq_len, cfg.batch_size), unigram_log_probs(general_train, vocab_size))}
+held_out = {domain: corpora[domain][1:] for domain in ("bio", "general")}  # held-out blocks, context-blind floor
 
 
 def evaluate(model, domain, step):
     """Held-out MLM loss of one domain next to its unigram floor; appended to the run's record."""
-    val_blocks, unigram = held_out[domain]
-    r = evaluate_mlm(model, val_blocks, unigram, cfg.eval_batches, device=device, bf16=bf16)
-    if rank == 0:
-        append_record(record_path, step=step, domain=domain, eval_loss=r["loss"], eval_acc=r["acc"],
-                      unigram=r["unigram"])
-    return f"{domain} MLM loss {r['loss']:.3f} (unigram {r['unigram']:.3f}) acc {r['acc']:.1%}"
+    return held_out_line(model, *held_out[domain], domain, cfg.eval_batches, bf16, record_path if rank == 0 else None,
+                         step)
 
 
 # %% 3) model: the general checkpoint; a sparse one gets frozen masks (weight != 0)
@@ -150,12 +131,11 @@ t_train = time.time()
 max_predictions = static_predictions(cfg.batch_size // world, cfg.seq_len, cfg.mlm_prob) if cfg.static_mlm else 0
 train(model, optimizer, lambda step: mlm_batch(blocks, step, cfg.mlm_prob, vocab_size, cfg.seed, rank, world,
                                                max_predictions), cfg.steps,
-      peak_lr=cfg.lr, warmup_steps=int(cfg.warmup * cfg.steps), ckpt_path=ckpt_path,
-      extra_state=dict(model_config=asdict(model_config), run_config=asdict(cfg), phase="bio", init=cfg.init,
-                       tokenizer="tokenizer.json"),
-      start_step=start, pruner=pruner, eval_fn=lambda step: evaluate(model, "bio", step), eval_every=cfg.eval_every,
-      log_every=cfg.log_every, ckpt_every=cfg.ckpt_every, device=device, ddp_model=ddp_model, is_main=rank == 0,
-      compile=cfg.compile, static_shapes=cfg.static_mlm, bf16=bf16, record_path=record_path)
+      peak_lr=cfg.lr, warmup_steps=int(cfg.warmup * cfg.steps), pruner=pruner,
+      ckpt=Checkpoints(ckpt_path, cfg.ckpt_every, start, dict(model_config=asdict(model_config),
+                       run_config=asdict(cfg), phase="bio", init=cfg.init, tokenizer="tokenizer.json")),
+      report=Reporting(cfg.log_every, lambda step: evaluate(model, "bio", step), cfg.eval_every, record_path),
+      runtime=Runtime(device, ddp_model, rank == 0, cfg.compile, cfg.static_mlm, bf16))
 if rank == 0:
     save_run_files(out_dir, tokenizer, cfg)
 

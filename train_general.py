@@ -23,14 +23,13 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from tiny_sparse_bert.config import check_options, check_resume_config, check_writable, parse_config, save_run_files
-from tiny_sparse_bert.data import (Blocks, corpus_files, load_tokenizer, tokenize_corpus, train_tokenizer,
-                                   documents)
+from tiny_sparse_bert.config import check_options, claim_run_dir, parse_config, save_run_files
+from tiny_sparse_bert.data import Blocks, corpus_files, documents, load_tokenizer, train_tokenizer
 from tiny_sparse_bert.model import BertConfig, BertForMaskedLM, count_parameters
 from tiny_sparse_bert.pruning import MagnitudePruner
-from tiny_sparse_bert.train import (append_record, barrier, evaluate_mlm, make_optimizer, mlm_batch, resume,
-                                    setup_distributed, static_predictions, train, unigram_log_probs, use_bf16,
-                                    wrap_ddp)
+from tiny_sparse_bert.train import (Checkpoints, Distillation, Reporting, Runtime, barrier, held_out_line,
+                                    make_optimizer, mlm_batch, mlm_corpora, resume, setup_distributed,
+                                    static_predictions, train, use_bf16, wrap_ddp)
 
 
 @dataclass
@@ -122,18 +121,8 @@ print(f"config (preset {preset}, {world} process{'es' if world > 1 else ''} on {
 t_start = time.time()
 
 # an earlier run in --out is continued (--resume), replaced (--overwrite), or left alone
-existing = [p for p in (dense_ckpt, sparse_ckpt) if os.path.exists(p)]
-if cfg.resume and cfg.overwrite:
-    raise SystemExit("error: --resume continues the run in --out, --overwrite replaces it: choose one")
-if existing and not (cfg.resume or cfg.overwrite):
-    raise SystemExit(f"error: {existing[0]} exists (an earlier run); continue it with --resume, or start over "
-                     f"with --overwrite (or choose another --out)")
-if cfg.resume:  # the settings that made each saved phase must not change
-    for path, ignore, steps in ((dense_ckpt, BOOKKEEPING + PHASE2, "dense_steps"),
-                                (sparse_ckpt, BOOKKEEPING, "prune_steps")):
-        if os.path.exists(path):
-            check_resume_config(path, cfg, ignore, steps)
-check_writable(cfg.out)
+existing = claim_run_dir(cfg, cfg.out, [(dense_ckpt, BOOKKEEPING + PHASE2, "dense_steps"),
+                                        (sparse_ckpt, BOOKKEEPING, "prune_steps")])
 if cfg.overwrite and rank == 0:  # a new dense model makes every sparse model pruned from the old one stale
     for path in [dense_ckpt, dense_record] + glob.glob(os.path.join(cfg.out, "general-sparse*", "ckpt.pt")) + \
             glob.glob(os.path.join(cfg.out, "general-sparse*", "record.jsonl")):
@@ -152,27 +141,16 @@ tokenizer = load_tokenizer(tokenizer_path)
 if tokenizer.get_vocab_size() != cfg.vocab_size:
     raise SystemExit(f"error: {tokenizer_path} has {tokenizer.get_vocab_size()} tokens, config asks for "
                      f"{cfg.vocab_size}; delete it or use another --out")
-cache = os.path.join(cfg.data, "cache")
-if rank != 0:  # rank 0 builds the token caches, the others then read them
-    barrier(world)
-general_train, general_val = tokenize_corpus("general", general_files, tokenizer, cache, cfg.max_docs or None)
-bio_train, bio_val = tokenize_corpus("bio", corpus_files(cfg.data, "bio"), tokenizer, cache, cfg.max_docs or None)
-if rank == 0:
-    barrier(world)
-print(f"general corpus: {len(general_train):,} training and {len(general_val):,} held-out tokens")
+corpora = mlm_corpora(cfg.data, tokenizer, cfg.seq_len, cfg.batch_size, cfg.max_docs, rank, world)
+general_train = corpora["general"][0]
+print(f"general corpus: {len(general_train):,} training and {len(corpora['general'][1].tokens):,} held-out tokens")
 blocks = Blocks(general_train, cfg.seq_len, cfg.batch_size, seed=cfg.seed)
-held_out = {  # per domain: held-out blocks, and the unigram model of its training text (the context-blind floor)
-    "general": (Blocks(general_val, cfg.seq_len, cfg.batch_size), unigram_log_probs(general_train, cfg.vocab_size)),
-    "bio": (Blocks(bio_val, cfg.seq_len, cfg.batch_size), unigram_log_probs(bio_train, cfg.vocab_size))}
+held_out = {domain: corpora[domain][1:] for domain in ("general", "bio")}  # held-out blocks, context-blind floor
 
 
 def evaluate(model, domain="general", step=None, record=None):
     """Held-out MLM loss of one domain next to its unigram floor; appended to `record` at `step`."""
-    val_blocks, unigram = held_out[domain]
-    r = evaluate_mlm(model, val_blocks, unigram, cfg.eval_batches, device=device, bf16=bf16)
-    if rank == 0:
-        append_record(record, step=step, domain=domain, eval_loss=r["loss"], eval_acc=r["acc"], unigram=r["unigram"])
-    return f"{domain} MLM loss {r['loss']:.3f} (unigram {r['unigram']:.3f}) acc {r['acc']:.1%}"
+    return held_out_line(model, *held_out[domain], domain, cfg.eval_batches, bf16, record if rank == 0 else None, step)
 
 
 max_predictions = static_predictions(cfg.batch_size // world, cfg.seq_len, cfg.mlm_prob) if cfg.static_mlm else 0
@@ -188,6 +166,7 @@ model_config = BertConfig(vocab_size=cfg.vocab_size, n_layer=cfg.n_layer, hidden
                           dropout=cfg.dropout, pre_norm=cfg.pre_norm, alibi=cfg.alibi)
 model = BertForMaskedLM(model_config).to(device)
 ddp_model = wrap_ddp(model, device, world)  # None for a single process
+runtime = Runtime(device, ddp_model, rank == 0, cfg.compile, cfg.static_mlm, bf16)
 print(f"model: {count_parameters(model):,} parameters; {model_config}")
 state = dict(model_config=asdict(model_config), run_config=asdict(cfg), tokenizer="tokenizer.json")
 
@@ -198,10 +177,9 @@ optimizer = make_optimizer(model, cfg.lr, cfg.weight_decay)
 start = resume(dense_ckpt, model, optimizer) if cfg.resume and os.path.exists(dense_ckpt) else 0
 t_phase = time.time()
 train(model, optimizer, batch_fn, cfg.dense_steps, peak_lr=cfg.lr, warmup_steps=int(cfg.warmup * cfg.dense_steps),
-      ckpt_path=dense_ckpt, extra_state=dict(state, phase="dense"), start_step=start,
-      eval_fn=lambda step: evaluate(model, "general", step, dense_record), eval_every=cfg.eval_every,
-      log_every=cfg.log_every, ckpt_every=cfg.ckpt_every, device=device, ddp_model=ddp_model, is_main=rank == 0,
-      compile=cfg.compile, static_shapes=cfg.static_mlm, bf16=bf16, record_path=dense_record)
+      ckpt=Checkpoints(dense_ckpt, cfg.ckpt_every, start, dict(state, phase="dense")),
+      report=Reporting(cfg.log_every, lambda step: evaluate(model, "general", step, dense_record), cfg.eval_every,
+                       dense_record), runtime=runtime)
 dense_minutes = (time.time() - t_phase) / 60
 if rank == 0:
     save_run_files(dense_dir, tokenizer, cfg)
@@ -223,12 +201,11 @@ optimizer = make_optimizer(model, cfg.prune_lr, cfg.weight_decay)
 start = resume(sparse_ckpt, model, optimizer, pruner) if cfg.resume and os.path.exists(sparse_ckpt) else 0
 t_phase = time.time()
 train(model, optimizer, batch_fn, cfg.prune_steps, peak_lr=cfg.prune_lr,
-      warmup_steps=int(cfg.warmup * cfg.prune_steps), ckpt_path=sparse_ckpt,
-      extra_state=dict(state, phase="sparse"), start_step=start, pruner=pruner, teacher=teacher,
-      distill_alpha=cfg.distill, distill_temperature=cfg.distill_temperature,
-      eval_fn=lambda step: evaluate(model, "general", step, sparse_record), eval_every=cfg.eval_every,
-      log_every=cfg.log_every, ckpt_every=cfg.ckpt_every, device=device, ddp_model=ddp_model, is_main=rank == 0,
-      compile=cfg.compile, static_shapes=cfg.static_mlm, bf16=bf16, record_path=sparse_record)
+      warmup_steps=int(cfg.warmup * cfg.prune_steps), pruner=pruner,
+      distill=Distillation(teacher, cfg.distill, cfg.distill_temperature) if teacher else None,
+      ckpt=Checkpoints(sparse_ckpt, cfg.ckpt_every, start, dict(state, phase="sparse")),
+      report=Reporting(cfg.log_every, lambda step: evaluate(model, "general", step, sparse_record), cfg.eval_every,
+                       sparse_record), runtime=runtime)
 sparse_minutes = (time.time() - t_phase) / 60
 if rank == 0:
     save_run_files(sparse_dir, tokenizer, cfg)

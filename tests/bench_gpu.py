@@ -20,7 +20,8 @@ from conftest import ROOT  # noqa: F401  (puts the repository on sys.path)
 from tiny_sparse_bert.data import NUM_SPECIAL, Blocks
 from tiny_sparse_bert.model import BertConfig, BertForMaskedLM
 from tiny_sparse_bert.pruning import MagnitudePruner
-from tiny_sparse_bert.train import make_optimizer, mlm_batch, pick_device, static_predictions, train, use_bf16
+from tiny_sparse_bert.train import (Checkpoints, Reporting, Runtime, make_optimizer, mlm_batch, pick_device,
+                                    static_predictions, train, use_bf16)
 
 # the model and batch sizes of train_general.py's presets (vocabulary 8,192, sequences of 128)
 PRESETS = {"tiny": dict(n_layer=2, hidden=64, n_head=2, intermediate=128, batch_size=8),
@@ -79,9 +80,11 @@ def main():
         batch_fn = (lambda step: mlm_batch(blocks, step, p, V, 0, max_predictions=n_static if static else 0))
 
         def run(start, stop):  # `train` resumes at `start` with the same model: no re-compilation
-            train(model, optimizer, batch_fn, stop, peak_lr=1e-4, warmup_steps=1, ckpt_path=None, extra_state={},
-                  pruner=pruner, start_step=start, log_every=10 ** 9, device=device,
-                  compile=variant.startswith("compiled"), static_shapes=static, bf16=bf16)
+            train(model, optimizer, batch_fn, stop, peak_lr=1e-4, warmup_steps=1, pruner=pruner,
+                  ckpt=Checkpoints(start_step=start),
+                  report=Reporting(log_every=10 ** 9),
+                  runtime=Runtime(device=device, compile=variant.startswith("compiled"), static_shapes=static,
+                                  bf16=bf16))
         # NOTE: each call of `train` wraps the model in torch.compile again; the compiled code is
         # cached by torch, so the timed call reuses what the warm-up compiled
         run(0, args.warmup)

@@ -11,8 +11,8 @@ import torch.nn.functional as F
 from tiny_sparse_bert.data import Blocks, NUM_SPECIAL
 from tiny_sparse_bert.model import IGNORE_INDEX, BertConfig, BertForMaskedLM, BertForTokenClassification
 from tiny_sparse_bert.pruning import MagnitudePruner
-from tiny_sparse_bert.train import (NonFiniteLoss, linear_warmup_decay, load_checkpoint, make_optimizer, mlm_batch,
-                                    train)
+from tiny_sparse_bert.train import (Checkpoints, Distillation, NonFiniteLoss, Reporting, linear_warmup_decay,
+                                    load_checkpoint, make_optimizer, mlm_batch, train)
 
 CFG = BertConfig(vocab_size=100, n_layer=2, hidden=32, n_head=4, intermediate=64, max_position=32, dropout=0.1)
 TOKENS = np.random.default_rng(0).integers(NUM_SPECIAL, 100, 30 * 40).astype(np.uint16)
@@ -28,8 +28,9 @@ def setup(seed=0):
 
 
 def run(model, optimizer, pruner, batch_fn, steps, path, start=0, **kw):
-    train(model, optimizer, batch_fn, steps, peak_lr=1e-3, warmup_steps=2, ckpt_path=str(path), extra_state={},
-          pruner=pruner, start_step=start, log_every=100, ckpt_every=0, **kw)
+    train(model, optimizer, batch_fn, steps, peak_lr=1e-3, warmup_steps=2, pruner=pruner,
+          ckpt=Checkpoints(path=str(path), every=0, start_step=start),
+          report=Reporting(log_every=100), **kw)
 
 
 def test_lr_schedule():
@@ -75,8 +76,9 @@ def test_non_finite_loss_stops_and_keeps_last_checkpoint(tmp_path):
                 model.decoder_bias.fill_(float("nan"))
         return batch_fn(step)
     with pytest.raises(NonFiniteLoss, match="at step 6"):
-        train(model, optimizer, poisoned, 10, peak_lr=1e-3, warmup_steps=2, ckpt_path=str(tmp_path / "c.pt"),
-              extra_state={}, log_every=100, ckpt_every=4)
+        train(model, optimizer, poisoned, 10, peak_lr=1e-3, warmup_steps=2,
+              ckpt=Checkpoints(path=str(tmp_path / "c.pt"), every=4),
+              report=Reporting(log_every=100))
     ckpt = load_checkpoint(tmp_path / "c.pt")
     assert ckpt["step"] == 4 and torch.isfinite(ckpt["model"]["decoder_bias"]).all()
 
@@ -90,8 +92,9 @@ def test_ctrl_c_saves_and_exits(tmp_path):
             os.kill(os.getpid(), signal.SIGINT)
         return batch_fn(step)
     with pytest.raises(SystemExit) as e:
-        train(model, optimizer, interrupting, 10, peak_lr=1e-3, warmup_steps=2, ckpt_path=str(tmp_path / "c.pt"),
-              extra_state={"note": "kept"}, pruner=pruner, log_every=100, ckpt_every=0)
+        train(model, optimizer, interrupting, 10, peak_lr=1e-3, warmup_steps=2, pruner=pruner,
+              ckpt=Checkpoints(path=str(tmp_path / "c.pt"), every=0, extra_state={"note": "kept"}),
+              report=Reporting(log_every=100))
     assert e.value.code == 130
     ckpt = load_checkpoint(tmp_path / "c.pt")
     assert ckpt["step"] == 4 and ckpt["note"] == "kept"  # the step in flight completed, then it saved
@@ -132,7 +135,8 @@ def test_no_checkpoint_ever_holds_a_non_finite_tensor(tmp_path, monkeypatch):
     model, _, _, batch_fn = setup()
     with pytest.raises(NonFiniteLoss) as e:
         train(model, make_optimizer(model, 1e3, 0.01), batch_fn, 50, peak_lr=1e3, warmup_steps=2,
-              ckpt_path=str(tmp_path / "c.pt"), extra_state={}, log_every=7, ckpt_every=1)
+              ckpt=Checkpoints(path=str(tmp_path / "c.pt"), every=1),
+              report=Reporting(log_every=7))
     assert saved and all(saved)
     assert f"the last good checkpoint is {tmp_path / 'c.pt'}" in str(e.value)
     assert all(torch.isfinite(t).all() for t in load_checkpoint(tmp_path / "c.pt")["model"].values())
@@ -149,8 +153,9 @@ def test_finite_loss_with_a_non_finite_gradient_is_never_saved(tmp_path):
         current["step"] = step
         return batch_fn(step)
     with pytest.raises(NonFiniteLoss, match="at step 5; stopped, the last good checkpoint is"):
-        train(model, optimizer, tracking, 10, peak_lr=1e-3, warmup_steps=2, ckpt_path=str(tmp_path / "c.pt"),
-              extra_state={}, log_every=100, ckpt_every=1)
+        train(model, optimizer, tracking, 10, peak_lr=1e-3, warmup_steps=2,
+              ckpt=Checkpoints(path=str(tmp_path / "c.pt"), every=1),
+              report=Reporting(log_every=100))
     ckpt = load_checkpoint(tmp_path / "c.pt")
     assert ckpt["step"] == 5 and all(torch.isfinite(t).all() for t in ckpt["model"].values())
 
@@ -164,8 +169,9 @@ def test_non_finite_before_any_checkpoint_says_so(tmp_path):
                 model.decoder_bias.fill_(float("inf"))
         return batch_fn(step)
     with pytest.raises(NonFiniteLoss, match="at step 2; stopped, no checkpoint was written"):
-        train(model, optimizer, poisoned, 10, peak_lr=1e-3, warmup_steps=2, ckpt_path=str(tmp_path / "c.pt"),
-              extra_state={}, log_every=100, ckpt_every=4)
+        train(model, optimizer, poisoned, 10, peak_lr=1e-3, warmup_steps=2,
+              ckpt=Checkpoints(path=str(tmp_path / "c.pt"), every=4),
+              report=Reporting(log_every=100))
     assert not os.path.exists(tmp_path / "c.pt")
 
 
@@ -244,8 +250,9 @@ def test_the_teacher_gets_no_gradient_and_does_not_change(tmp_path):
     teacher.load_state_dict(model.state_dict())
     teacher.eval().requires_grad_(False)
     before = {k: v.clone() for k, v in teacher.state_dict().items()}
-    train(model, optimizer, batch_fn, 6, peak_lr=1e-3, warmup_steps=2, ckpt_path=None, extra_state={},
-          pruner=pruner, teacher=teacher, distill_alpha=1.0, log_every=100)
+    train(model, optimizer, batch_fn, 6, peak_lr=1e-3, warmup_steps=2, pruner=pruner,
+          distill=Distillation(teacher, hardness=1.0),
+          report=Reporting(log_every=100))
     assert all(p.grad is None for p in teacher.parameters())
     assert all(torch.equal(before[k], v) for k, v in teacher.state_dict().items())
     assert not torch.equal(before["decoder_bias"], model.decoder_bias)  # the student did learn
@@ -276,8 +283,8 @@ def test_mean_labelled_weighs_every_labelled_word_the_same():
     def summed_gradients(**kw):
         optimizer = RecordGradients(model.parameters(), lr=1.0)
         optimizer.grads = []
-        train(model, optimizer, lambda step: batches[step], 2, peak_lr=1.0, warmup_steps=0, ckpt_path=None,
-              extra_state={}, clip_norm=1e9, log_every=100, **kw)
+        train(model, optimizer, lambda step: batches[step], 2, peak_lr=1.0, warmup_steps=0, clip_norm=1e9,
+              report=Reporting(log_every=100), **kw)
         return [a + b for a, b in zip(*optimizer.grads)]
 
     total = sum(F.cross_entropy(model(b["input_ids"], b["attention_mask"], b["token_type_ids"])[0].flatten(0, 1),

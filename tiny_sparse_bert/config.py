@@ -97,6 +97,25 @@ def check_resume_config(path, config, ignore, steps_field):
     print(f"note: resuming {path} at step {ckpt['step']} with changed settings: {what}")
 
 
+def claim_run_dir(config, out_dir, checkpoints):
+    """Decide, before any work, what happens to an earlier run in --out: continued (--resume, with
+    the settings that made each saved checkpoint unchanged), replaced (--overwrite, the caller
+    removes its files), or refused. `checkpoints` is [(path, options that may change, steps option)].
+    Returns the checkpoints that exist."""
+    existing = [path for path, *_ in checkpoints if os.path.exists(path)]
+    if config.resume and config.overwrite:
+        raise SystemExit("error: --resume continues the run in --out, --overwrite replaces it: choose one")
+    if existing and not (config.resume or config.overwrite):
+        raise SystemExit(f"error: {existing[0]} exists (an earlier run); continue it with --resume, or start over "
+                         f"with --overwrite (or choose another --out)")
+    if config.resume:
+        for path, ignore, steps_field in checkpoints:
+            if os.path.exists(path):
+                check_resume_config(path, config, ignore, steps_field)
+    check_writable(out_dir)
+    return existing
+
+
 def check_run_dir(directory, option, written_by):
     """A directory written by a training script (ckpt.pt and tokenizer.json), or a one-line error."""
     if os.path.isfile(directory):

@@ -22,7 +22,7 @@ Shape legend used in comments throughout the package:
 import json
 import math
 import os
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
@@ -80,13 +80,6 @@ class BertConfig:
     initializer_range: float = 0.02 # std of the truncated-normal init in BERT
     pre_norm: bool = False          # NOTE(deviation, off by default): LayerNorm before each block
     alibi: bool = False             # NOTE(deviation, off by default): distance bias on attention, see alibi_bias
-
-    @classmethod
-    def from_dict(cls, d):
-        known = {f.name for f in fields(cls)}
-        unknown = set(d) - known
-        assert not unknown, f"unknown BertConfig fields {sorted(unknown)}"
-        return cls(**d)
 
 
 class Embeddings(nn.Module):

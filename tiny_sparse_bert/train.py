@@ -19,7 +19,8 @@ import os
 import signal
 import time
 from contextlib import nullcontext
-from dataclasses import asdict
+from dataclasses import asdict, dataclass, field
+from typing import Callable, Optional
 
 import numpy as np
 import torch
@@ -27,7 +28,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from .data import NUM_SPECIAL, mask_tokens
+from .data import NUM_SPECIAL, Blocks, corpus_files, mask_tokens, tokenize_corpus
 from .model import IGNORE_INDEX
 
 
@@ -209,6 +210,30 @@ def evaluate_mlm(model, blocks, unigram_logp, n_batches=20, mlm_prob=EVAL_MLM_PR
     return {"loss": total_loss / n, "acc": total_correct / n, "unigram": total_unigram / n}
 
 
+def mlm_corpora(data_dir, tokenizer, seq_len, batch_size, max_docs=0, rank=0, world=1):
+    """{domain: (training tokens, held-out Blocks, unigram log p)} for "general" and "bio": each
+    corpus tokenized once into data_dir/cache (rank 0 builds the caches, the other ranks then read
+    them), and the unigram model of its training text, the context-blind floor."""
+    if rank != 0:
+        barrier(world)
+    corpora = {}
+    for domain in ("general", "bio"):
+        tokens, held_out = tokenize_corpus(domain, corpus_files(data_dir, domain), tokenizer,
+                                           os.path.join(data_dir, "cache"), max_docs or None)
+        corpora[domain] = (tokens, Blocks(held_out, seq_len, batch_size),
+                           unigram_log_probs(tokens, tokenizer.get_vocab_size()))
+    if rank == 0:
+        barrier(world)
+    return corpora
+
+
+def held_out_line(model, blocks, unigram_logp, domain, n_batches, bf16=False, record_path=None, step=None):
+    """`evaluate_mlm` as the line a script prints; the numbers also go to the run's record (if any)."""
+    r = evaluate_mlm(model, blocks, unigram_logp, n_batches, bf16=bf16)
+    append_record(record_path, step=step, domain=domain, eval_loss=r["loss"], eval_acc=r["acc"], unigram=r["unigram"])
+    return f"{domain} MLM loss {r['loss']:.3f} (unigram {r['unigram']:.3f}) acc {r['acc']:.1%}"
+
+
 # ---------------------------------------------------------------------------------- checkpoints
 
 def save_checkpoint(path, **state):
@@ -341,43 +366,96 @@ def distillation_loss(logits, teacher_logits, labels, kind, temperature):
     return kl * temperature ** 2
 
 
+def backward(loss, labels, distributed=False, mean_labelled=None):
+    """loss.backward(), with the batch's mean loss weighted by its share of labelled positions so
+    each position weighs the same: across ranks (DDP's average of the ranks' gradients is then the
+    gradient of the mean over the global batch) and, with `mean_labelled`, across steps as well."""
+    if not (distributed or mean_labelled):
+        return loss.backward()
+    n = (labels != IGNORE_INDEX).sum().float()
+    world = dist.get_world_size() if distributed else 1
+    if mean_labelled:
+        per_batch = torch.tensor(float(mean_labelled), device=n.device)
+    else:
+        per_batch = n.clone()
+        dist.all_reduce(per_batch)
+    (loss * n * world / per_batch).backward()
+
+
 class NonFiniteLoss(SystemExit):
     """Raised when the loss or the gradient norm is NaN or infinite: the script stops with this one-line message."""
 
 
-def train(model, optimizer, batch_fn, steps, *, peak_lr, warmup_steps, ckpt_path, extra_state,
-          pruner=None, teacher=None, distill_temperature=2.0, distill_alpha=0.5, distill_kind="mlm", clip_norm=1.0,
-          eval_fn=None, eval_every=0, log_every=50, ckpt_every=500, start_step=0, device=None,
-          ddp_model=None, is_main=True, compile=False, static_shapes=False, bf16=False, record_path=None,
-          mean_labelled=None):
-    """Run steps [start_step, steps) of AdamW on `batch_fn(step)` batches; save to `ckpt_path`.
+@dataclass
+class Checkpoints:
+    """Where `train` saves (None: nowhere), how often, from which step it resumes, and what else
+    each checkpoint holds (configs, tokenizer path, ...)."""
+    path: Optional[str] = None
+    every: int = 500
+    start_step: int = 0
+    extra_state: dict = field(default_factory=dict)
 
-    `extra_state` (configs, tokenizer path, ...) is stored in every checkpoint. With `teacher`
-    (a dense model with the same outputs, frozen) the loss is (1 - distill_alpha) x the hard loss
-    + distill_alpha x `distillation_loss` of kind `distill_kind` (Hinton et al. 2015; Sanh et al.
-    2019; distill_alpha is SparseML's "hardness": 1.0 trains on the soft targets alone). `ddp_model` is the
-    DistributedDataParallel wrapper of `model` when running under torchrun. `compile` runs the
-    forward and backward through torch.compile: with dynamic shapes (the number of masked positions
-    varies), or, with `static_shapes` (batches from `mlm_batch(max_predictions=N)`), one fixed graph,
-    replayed as a CUDA graph on a GPU (mode "reduce-overhead": no per-kernel launch cost).
+
+@dataclass
+class Reporting:
+    """A log line every `log_every` steps, `eval_fn(step)` (returns a line) every `eval_every`, and
+    every log line and mask update appended to the JSON-lines `record_path` (if given)."""
+    log_every: int = 50
+    eval_fn: Optional[Callable] = None
+    eval_every: int = 0
+    record_path: Optional[str] = None
+
+
+@dataclass
+class Distillation:
+    """Train on (1 - hardness) x the hard loss + hardness x `distillation_loss` of kind `kind` against
+    a frozen `teacher` with the same outputs (Hinton et al. 2015; Sanh et al. 2019; hardness is
+    SparseML's name: 1.0 trains on the soft targets alone)."""
+    teacher: torch.nn.Module
+    hardness: float = 0.5
+    temperature: float = 2.0
+    kind: str = "mlm"
+
+
+@dataclass
+class Runtime:
+    """How the steps run. `ddp_model` is the DistributedDataParallel wrapper under torchrun (only
+    `is_main` prints and saves). `compile` runs forward and backward through torch.compile: with
+    dynamic shapes, or with `static_shapes` (batches from `mlm_batch(max_predictions=N)`) one
+    fixed graph, replayed as a CUDA graph on a GPU (mode "reduce-overhead")."""
+    device: Optional[torch.device] = None
+    ddp_model: Optional[torch.nn.Module] = None
+    is_main: bool = True
+    compile: bool = False
+    static_shapes: bool = False
+    bf16: bool = False
+
+
+def train(model, optimizer, batch_fn, steps, *, peak_lr, warmup_steps, pruner=None, clip_norm=1.0,
+          mean_labelled=None, distill=None, ckpt=Checkpoints(), report=Reporting(), runtime=Runtime()):
+    """Run steps [ckpt.start_step, steps) of AdamW on `batch_fn(step)` batches, with the pruner's
+    two calls; the other options come in the groups above (Checkpoints, Reporting, Distillation,
+    Runtime), so the body reads as the algorithm first.
+
     `mean_labelled` (the mean number of labelled positions per batch) weights each batch's mean loss
     by its labelled positions / that mean: in length-grouped batches (`tasks.length_grouped_batches`)
     a batch of short sentences holds few labelled words, and unweighted it would count as much as a
-    batch of long ones (measured: 2 F1 points lost on BC5CDR-chem, docs/ladder.md row K); the logged loss stays
-    the plain mean. `eval_fn(step)` returns a line to print. With `record_path`, every log line and
-    mask update is also appended to that JSON-lines record (a resumed run first drops what came
-    after its step).
+    batch of long ones (measured: 2 F1 points lost on BC5CDR-chem, docs/ladder.md row K); the logged
+    loss stays the plain mean. A resumed run first drops what its record holds after its step.
 
     The loss is summed on the device and read only when a line is logged, a checkpoint saved or an
     evaluation run, so a GPU is never made to wait for the CPU each step. A non-finite loss or
     gradient norm is recorded on the device too (`first_bad`) and stops the run at the next of
     those points, before anything is saved: no checkpoint ever holds a non-finite tensor.
     """
-    device = device or next(model.parameters()).device
+    device = runtime.device or next(model.parameters()).device
+    ddp_model, is_main = runtime.ddp_model, runtime.is_main
+    ckpt_path, start_step, record_path = ckpt.path, ckpt.start_step, report.record_path
+    teacher = distill.teacher if distill else None
     forward = ddp_model or model
-    if compile:
-        mode = "reduce-overhead" if static_shapes and device.type == "cuda" else None
-        forward = torch.compile(forward, dynamic=not static_shapes, mode=mode)
+    if runtime.compile:
+        mode = "reduce-overhead" if runtime.static_shapes and device.type == "cuda" else None
+        forward = torch.compile(forward, dynamic=not runtime.static_shapes, mode=mode)
     model.train()
     if is_main and start_step > 0:
         trim_record(record_path, start_step)
@@ -399,7 +477,7 @@ def train(model, optimizer, batch_fn, steps, *, peak_lr, warmup_steps, ckpt_path
         if is_main and ckpt_path:
             state = dict(model=model.state_dict(), optimizer=optimizer.state_dict(),
                          pruner=pruner.state_dict() if pruner else None, step=step, rng=torch.get_rng_state(),
-                         cuda_rng=torch.cuda.get_rng_state() if device.type == "cuda" else None, **extra_state)
+                         cuda_rng=torch.cuda.get_rng_state() if device.type == "cuda" else None, **ckpt.extra_state)
             moments = [t for s in state["optimizer"]["state"].values() for t in s.values()]
             if not all_finite(list(state["model"].values()) + moments):
                 stop("weights or optimizer state are not finite", step)
@@ -419,7 +497,7 @@ def train(model, optimizer, batch_fn, steps, *, peak_lr, warmup_steps, ckpt_path
     first_bad = torch.full((), -1, device=device)      # first step with a non-finite loss or gradient norm
     t0, n_summed = time.time(), 0
     try:
-        for step in bar:
+        for step in bar:  # the step: pruner.update, forward, backward, optimizer.step, pruner.apply; then bookkeeping
             if pruner:
                 updated = pruner.update(step)
                 if updated and ddp_model is not None:
@@ -430,27 +508,14 @@ def train(model, optimizer, batch_fn, steps, *, peak_lr, warmup_steps, ckpt_path
             for group in optimizer.param_groups:
                 group["lr"] = lr
             batch = to_device(batch_fn(step), device)
-            with autocast(device, bf16):
+            with autocast(device, runtime.bf16):
                 logits, loss = forward(**batch)
                 if teacher is not None:
                     with torch.no_grad():
                         teacher_logits, _ = teacher(**batch)
-                    soft = distillation_loss(logits, teacher_logits, batch["labels"], distill_kind, distill_temperature)
-                    loss = (1 - distill_alpha) * loss + distill_alpha * soft
-            if ddp_model is not None or mean_labelled:
-                # weight the batch by its share of labelled positions, so each position weighs the same:
-                # across ranks (DDP's average of the ranks' gradients is then the gradient of the mean over
-                # the global batch) and, with `mean_labelled`, across steps as well
-                n = (batch["labels"] != IGNORE_INDEX).sum().float()
-                world = dist.get_world_size() if ddp_model is not None else 1
-                if mean_labelled:
-                    per_batch = torch.tensor(float(mean_labelled), device=n.device)
-                else:
-                    per_batch = n.clone()
-                    dist.all_reduce(per_batch)
-                (loss * n * world / per_batch).backward()
-            else:
-                loss.backward()
+                    soft = distillation_loss(logits, teacher_logits, batch["labels"], distill.kind, distill.temperature)
+                    loss = (1 - distill.hardness) * loss + distill.hardness * soft
+            backward(loss, batch["labels"], ddp_model is not None, mean_labelled)
             grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip_norm)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
@@ -462,9 +527,9 @@ def train(model, optimizer, batch_fn, steps, *, peak_lr, warmup_steps, ckpt_path
                                     step, first_bad)
             n_summed += 1
             done = step + 1
-            log_now = done % log_every == 0 or done == steps
-            eval_now = eval_fn and eval_every and done % eval_every == 0 and done != steps
-            ckpt_now = (ckpt_every and done % ckpt_every == 0) or interrupted
+            log_now = done % report.log_every == 0 or done == steps
+            eval_now = report.eval_fn and report.eval_every and done % report.eval_every == 0 and done != steps
+            ckpt_now = (ckpt.every and done % ckpt.every == 0) or interrupted
             if log_now or eval_now or ckpt_now:
                 check_finite()
             if is_main and log_now:
@@ -479,7 +544,7 @@ def train(model, optimizer, batch_fn, steps, *, peak_lr, warmup_steps, ckpt_path
                 t0, n_summed = time.time(), 0
                 loss_sum.zero_()
             if eval_now and is_main:
-                bar.write(f"  eval @ {done}: " + eval_fn(done))
+                bar.write(f"  eval @ {done}: " + report.eval_fn(done))
             if ckpt_now:
                 checkpoint(done)
             if interrupted:
