@@ -19,6 +19,7 @@ Writes results.md and results.json (every run: recipe, seed, dev curve, scores) 
 # %% 1) config
 import copy
 import os
+import signal
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -26,14 +27,18 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import torch
 
-from tiny_sparse_bert.config import check_options, check_run_dir, check_writable, dense_counterpart, parse_config
+from tiny_sparse_bert.config import (check_options, check_run_dir, check_writable, dense_counterpart, note_gpu_preset,
+                                     parse_config)
+from tiny_sparse_bert.data import file_sha256
 from tiny_sparse_bert.model import BertForMaskedLM
 from tiny_sparse_bert.pruning import MagnitudePruner
 from tiny_sparse_bert.tasks import collate, encode, get_task, length_grouped_batches
-from tiny_sparse_bert.train import (Distillation, Reporting, Runtime, make_optimizer, setup_distributed, train,
-                                    use_bf16, wrap_ddp)
-from tiny_sparse_bert.transfer import (encoder_info, evaluate, grid, head_model, load_encoder, load_task_data,
-                                       recipe_of, results_table, run_summary, seeds_for, select_recipe, write_results)
+from tiny_sparse_bert.train import (Distillation, NonFiniteLoss, Reporting, Runtime, barrier, load_checkpoint,
+                                    make_optimizer, save_checkpoint, setup_distributed, train, use_bf16, wrap_ddp)
+from tiny_sparse_bert.transfer import (RUNS_FILE, check_names, claim_out_dir, encoder_info, evaluate, grid,
+                                       head_model, load_encoder, load_task_data, recipe_of, recorded_runs,
+                                       results_table, run_key, run_summary, save_runs, seeds_for, select_recipe,
+                                       write_results)
 
 
 @dataclass
@@ -67,6 +72,10 @@ class Config:
     device: str = "auto"           # auto (cuda, then mps, then cpu) | cpu | cuda | cuda:N | mps
     compile: bool = False         # torch.compile the model (worth it on a GPU)
     precision: str = "auto"        # auto (bf16 on CUDA and AMX CPUs, else fp32) | bf16 | fp32
+    overwrite: bool = False        # start over, removing the runs already finished in --out
+
+
+BOOKKEEPING = ("out", "device", "compile", "precision", "overwrite")  # what may change when a run continues
 
 
 PRESETS = {
@@ -79,13 +88,15 @@ preset, cfg = parse_config(Config, PRESETS, __doc__.splitlines()[0])
 check_options(cfg, positive=("seeds", "other_seeds", "search_seeds", "batch_size", "max_len",
                              "distill_temperature"),
               non_negative=("max_train", "max_eval", "weight_decay"), fraction=("warmup",),
-              below_one=("dropout", "prune_during_finetune"))
+              below_one=("dropout", "prune_during_finetune"), at_least=(("max_len", 3),))
 
 
 recipes = [(epochs, lr) for epochs in grid("epochs", cfg.epochs) for lr in grid("lr", cfg.lr)]
 hardness_grid = grid("distill-hardness", cfg.distill_hardness)
 distilling = any(h > 0 for h in hardness_grid)
 model_dirs = [m for m in cfg.models.split(",") if m]
+tasks = [get_task(t) for t in cfg.tasks.split(",") if t]
+check_names(model_dirs, tasks, cfg.random_baseline, cfg.seeded)
 for directory in model_dirs:  # arguments first, before any data is read
     check_run_dir(directory, "--models", "train_general.py or train_bio.py")
 check_writable(cfg.out)
@@ -94,8 +105,16 @@ bf16 = use_bf16(device, cfg.precision)
 if rank != 0:
     sys.stdout = open(os.devnull, "w")  # only rank 0 prints and writes files
 print(f"config (preset {preset}, {world} process{'es' if world > 1 else ''} on {device}{', bf16' if bf16 else ''}): {asdict(cfg)}")
-tasks = [get_task(t) for t in cfg.tasks.split(",") if t]
+note_gpu_preset(preset, device)
 seeds_of = lambda name: seeds_for(name, cfg.seeded, cfg.seeds, cfg.other_seeds)
+settings = {k: v for k, v in asdict(cfg).items() if k not in BOOKKEEPING}
+settings["checkpoints"] = {d: file_sha256(os.path.join(d, "ckpt.pt")) for d in model_dirs}  # the exact models
+if rank == 0:  # runs already in --out: continued when this is the command that made them, else refused
+    claim_out_dir(cfg.out, settings, cfg.overwrite)
+barrier(world)
+finished = recorded_runs(cfg.out)[1]  # "model | task | recipe | seed" -> run
+if finished:
+    print(f"{len(finished)} runs already finished in {cfg.out}/{RUNS_FILE}: not run again")
 t_start = time.time()
 
 # %% 2) data: each task's splits, read and checked once (encoded per tokenizer in 5)
@@ -153,29 +172,36 @@ def finetune_run(task, mlm, sparse, encoded, epochs, lr, seed, teacher=None, har
         return f"dev {task.metric} {dev[task.metric]:.4f}"
 
     distill = Distillation(teacher, hardness, cfg.distill_temperature, task.kind) if teacher else None
-    train(model, make_optimizer(model, lr, cfg.weight_decay), batch_fn, steps, peak_lr=lr,
-          warmup_steps=int(cfg.warmup * steps), pruner=pruner, mean_labelled=mean_labelled, distill=distill,
-          report=Reporting(log_every=max(1, steps // 4), eval_fn=select_on_dev, eval_every=steps_per_epoch),
-          runtime=Runtime(device, wrap_ddp(model, device, world), rank == 0, cfg.compile, bf16=bf16))
+    run = {"epochs": epochs, "lr": lr, "distill_hardness": hardness, "seed": seed, "teacher": teacher is not None,
+           "distill_temperature": cfg.distill_temperature if teacher is not None else None}
+    try:
+        train(model, make_optimizer(model, lr, cfg.weight_decay), batch_fn, steps, peak_lr=lr,
+              warmup_steps=int(cfg.warmup * steps), pruner=pruner, mean_labelled=mean_labelled, distill=distill,
+              report=Reporting(log_every=max(1, steps // 4), eval_fn=select_on_dev, eval_every=steps_per_epoch),
+              runtime=Runtime(device, wrap_ddp(model, device, world), rank == 0, cfg.compile, bf16=bf16))
+    except NonFiniteLoss as e:  # recorded as failed, never selected on dev; the other runs go on
+        return {**run, "failed": str(e).split(";")[0].removeprefix("error: "), "dev": None,
+                "dev_curve": best["dev_curve"], "test": None, "test_metrics": {}}, None
     select_on_dev()
     model.load_state_dict(best["state"])
     if sparse:  # exactly the pretrained zeros, no more, no fewer
         assert all(torch.equal(w != 0, pruner.masks[n]) for n, w in pruner.params.items()), "mask changed"
     test = evaluate(model, task, encoded["test"], names, device, bf16, best["threshold"])
-    run = {"epochs": epochs, "lr": lr, "distill_hardness": hardness, "seed": seed, "teacher": teacher is not None,
-           "distill_temperature": cfg.distill_temperature if teacher is not None else None, "dev": best["dev"],
-           "dev_curve": best["dev_curve"], "test": test[task.metric], "test_metrics": test}
+    run.update(dev=best["dev"], dev_curve=best["dev_curve"], test=test[task.metric], test_metrics=test)
     if pruner and not pruner.frozen:
         run["pruned_in_finetune"] = pruner.sparsity()
     return run, best["state"]
 
 
 # %% 5) every model on every task: the same recipe grid and seeds for all (dense models first: they teach)
+# Each finished run went to --out/runs.json at once (1); the same command run again skips what it holds.
 names_in_run = [name for name, *_ in encoders]
 results = {name: {} for name in names_in_run}  # name -> task -> {"recipe": (epochs, lr, hardness), "runs": [...]}
-info, teachers = {}, {}  # teachers[(dense model, task)] = its fine-tuned weights per seed
+info, teachers = {}, {}  # teachers[(dense model, task)] = its fine-tuned weights (or their file) per seed
 encodings = {}  # encoded once per tokenizer and task (the checkpoints of one run share a tokenizer)
-for name, mlm, sparse, tokenizer in sorted(encoders, key=lambda e: e[2]):
+
+
+def finetune_model(name, mlm, sparse, tokenizer):
     info[name] = encoder_info(mlm, sparse)
     is_teacher = distilling and name in map(dense_counterpart, names_in_run)
     teacher_name = dense_counterpart(name) if distilling and sparse else None
@@ -193,32 +219,61 @@ for name, mlm, sparse, tokenizer in sorted(encoders, key=lambda e: e[2]):
 
         def run_seed(recipe, seed):
             epochs, lr, hardness = recipe
-            teacher = None
-            if hardness > 0:  # the dense counterpart fine-tuned with this seed, frozen, in eval mode (no dropout)
-                teacher = head_model(task, mlm, len(labels[task.name]), cfg.dropout,
-                                     teachers[(teacher_name, task.name)][seed]).to(device).eval().requires_grad_(False)
-            run, state = finetune_run(task, mlm, sparse, encodings[key], epochs, lr, seed, teacher, hardness)
+            state_file = os.path.join(cfg.out, "teachers", name, task.name, f"{epochs:g}-{lr:g}-{seed}.pt")
+            run_id = run_key(name, task.name, *recipe, seed)
+            if run_id in finished:  # an earlier process finished it; a teacher's weights were saved with it
+                run, state = finished[run_id], state_file
+            else:
+                teacher = None
+                if hardness > 0:  # the dense counterpart fine-tuned with this seed, frozen, in eval mode
+                    weights = teachers.get((teacher_name, task.name), [None] * (seed + 1))[seed]
+                    weights = load_checkpoint(weights)["model"] if isinstance(weights, str) else weights
+                    teacher = weights and head_model(task, mlm, len(labels[task.name]), cfg.dropout, weights)
+                    teacher = teacher and teacher.to(device).eval().requires_grad_(False)
+                if hardness > 0 and teacher is None:
+                    run, state = {"epochs": epochs, "lr": lr, "distill_hardness": hardness, "seed": seed,
+                                  "teacher": False, "failed": "its teacher's run failed", "dev": None,
+                                  "dev_curve": [], "test": None, "test_metrics": {}}, None
+                else:
+                    run, state = finetune_run(task, mlm, sparse, encodings[key], epochs, lr, seed, teacher, hardness)
+                if rank == 0 and is_teacher and state is not None:
+                    save_checkpoint(state_file, model=state)
+                finished[run_id] = run
+                if rank == 0:
+                    save_runs(cfg.out, settings, finished)
+                print(run_summary(name, task, run))
             runs.append(run)
             if is_teacher:
                 states[(epochs, lr, seed)] = state
-            print(run_summary(name, task, run))
 
         search = range(min(cfg.search_seeds, seeds_of(name)))  # the grid, searched with the first seeds
         for recipe in model_recipes:
             for seed in search:
                 run_seed(recipe, seed)
         recipe = select_recipe(runs, model_recipes)  # best mean dev score; then the other seeds at that recipe
-        for seed in range(len(search), seeds_of(name)):
+        for seed in range(len(search), seeds_of(name)) if recipe else []:
             run_seed(recipe, seed)
         for run in runs:
             run["selected"] = recipe_of(run) == recipe
         results[name][task.name] = {"recipe": recipe, "runs": runs}
-        if is_teacher:
+        if is_teacher and recipe:
             teachers[(name, task.name)] = [states[(*recipe[:2], seed)] for seed in range(seeds_of(name))]
     if sparse:
         info[name]["mask_unchanged"] = True  # checked after every run
     if cfg.prune_during_finetune > 0 and not sparse:
         info[name]["pruned_in_finetune"] = cfg.prune_during_finetune
+
+
+signal.signal(signal.SIGTERM, signal.default_int_handler)  # a batch scheduler's stop: as Ctrl-C
+try:
+    for encoder in sorted(encoders, key=lambda e: e[2]):
+        finetune_model(*encoder)
+except (KeyboardInterrupt, SystemExit) as e:  # train() exits with 130 after Ctrl-C
+    if isinstance(e, SystemExit) and e.code != 130:
+        raise
+    print(f"stopped: {len(finished)} finished runs are kept in {cfg.out}/{RUNS_FILE}; run the same command again "
+          f"to continue (--overwrite starts over)")
+    raise SystemExit(130) from None
 
 # %% 6) the comparison table: a row per model, a column per task, the average and the recovery
 table, chosen = results_table(results, info, tasks, seeds_of)

@@ -22,11 +22,12 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from tiny_sparse_bert.config import check_options, check_run_dir, claim_run_dir, parse_config, save_run_files
-from tiny_sparse_bert.data import Blocks, load_tokenizer
+from tiny_sparse_bert.config import (check_options, check_run_dir, claim_run_dir, load_run, note_gpu_preset, parse_config,
+                                     save_run_files)
+from tiny_sparse_bert.data import Blocks, file_sha256
 from tiny_sparse_bert.model import BertConfig, BertForMaskedLM
 from tiny_sparse_bert.pruning import MagnitudePruner
-from tiny_sparse_bert.train import (Checkpoints, Reporting, Runtime, held_out_line, load_checkpoint, make_optimizer,
+from tiny_sparse_bert.train import (Checkpoints, Reporting, Runtime, held_out_line, make_optimizer,
                                     mlm_batch, mlm_corpora, resume, setup_distributed, static_predictions, train,
                                     use_bf16, wrap_ddp)
 
@@ -72,7 +73,7 @@ PRESETS = {
 preset, cfg = parse_config(Config, PRESETS, __doc__.splitlines()[0])
 check_options(cfg, positive=("seq_len", "batch_size", "steps", "lr", "eval_batches", "log_every", "mlm_prob"),
               non_negative=("max_docs", "weight_decay", "eval_every", "ckpt_every"), fraction=("warmup",),
-              below_one=("mlm_prob",))
+              below_one=("mlm_prob",), at_least=(("seq_len", 3),))
 check_run_dir(cfg.init, "--init", "train_general.py")  # arguments first: the corpora take a while
 init_name = os.path.basename(os.path.normpath(cfg.init))
 out_dir = cfg.out or os.path.join(os.path.dirname(os.path.normpath(cfg.init)),
@@ -81,21 +82,21 @@ if os.path.abspath(out_dir) == os.path.abspath(cfg.init):
     raise SystemExit(f"error: --out {out_dir} is the --init directory; choose another --out")
 ckpt_path, record_path = os.path.join(out_dir, "ckpt.pt"), os.path.join(out_dir, "record.jsonl")
 claim_run_dir(cfg, out_dir, [(ckpt_path, BOOKKEEPING, "steps")])  # an earlier run: --resume, --overwrite, or refused
-init = load_checkpoint(os.path.join(cfg.init, "ckpt.pt"), "train_general.py")
+init, tokenizer = load_run(cfg.init, "--init", "train_general.py")  # finished, with its own tokenizer
 torch.manual_seed(cfg.seed)
 rank, world, device = setup_distributed(cfg.device)  # one process, or one of `torchrun --nproc_per_node N`
 bf16 = use_bf16(device, cfg.precision)
 if rank != 0:
     sys.stdout = open(os.devnull, "w")  # only rank 0 prints, evaluates and writes files
-if cfg.overwrite and rank == 0:  # the run being replaced: its checkpoint and its record
-    for path in (ckpt_path, record_path):
+if cfg.overwrite and rank == 0:  # every file of the run being replaced
+    for path in (ckpt_path, record_path, os.path.join(out_dir, "config.json"), os.path.join(out_dir, "tokenizer.json")):
         if os.path.exists(path):
             os.remove(path)
 print(f"config (preset {preset}, {world} process{'es' if world > 1 else ''} on {device}{', bf16' if bf16 else ''}): {asdict(cfg)}")
+note_gpu_preset(preset, device)
 t_start = time.time()
 
 # %% 2) data: the general checkpoint's tokenizer on the biomedical corpus
-tokenizer = load_tokenizer(os.path.join(cfg.init, "tokenizer.json"))
 corpora = mlm_corpora(cfg.data, tokenizer, cfg.seq_len, cfg.batch_size, cfg.max_docs, rank, world)
 bio_train = corpora["bio"][0]
 print(f"biomedical corpus: {len(bio_train):,} training and {len(corpora['bio'][1].tokens):,} held-out tokens")
@@ -125,7 +126,9 @@ before = {d: evaluate(model, d, 0) for d in held_out}
 # %% 4) train: continued MLM pretraining on biomedical text
 optimizer = make_optimizer(model, cfg.lr, cfg.weight_decay)
 resuming = cfg.resume and os.path.exists(ckpt_path)
-start = resume(ckpt_path, model, optimizer, written_by="train_bio.py") if resuming else 0
+tokenizer_sha256 = file_sha256(os.path.join(cfg.init, "tokenizer.json"))
+start = (resume(ckpt_path, model, optimizer, written_by="train_bio.py", tokenizer_sha256=tokenizer_sha256)
+         if resuming else 0)
 print(f"\ncontinued MLM pretraining: {cfg.steps} steps of {cfg.batch_size} x {cfg.seq_len} tokens, lr {cfg.lr}")
 t_train = time.time()
 max_predictions = static_predictions(cfg.batch_size // world, cfg.seq_len, cfg.mlm_prob) if cfg.static_mlm else 0
@@ -133,7 +136,8 @@ train(model, optimizer, lambda step: mlm_batch(blocks, step, cfg.mlm_prob, vocab
                                                max_predictions), cfg.steps,
       peak_lr=cfg.lr, warmup_steps=int(cfg.warmup * cfg.steps), pruner=pruner,
       ckpt=Checkpoints(ckpt_path, cfg.ckpt_every, start, dict(model_config=asdict(model_config),
-                       run_config=asdict(cfg), phase="bio", init=cfg.init, tokenizer="tokenizer.json")),
+                       run_config=asdict(cfg), phase="bio", init=cfg.init, tokenizer="tokenizer.json",
+                       tokenizer_sha256=tokenizer_sha256)),
       report=Reporting(cfg.log_every, lambda step: evaluate(model, "bio", step), cfg.eval_every, record_path),
       runtime=Runtime(device, ddp_model, rank == 0, cfg.compile, cfg.static_mlm, bf16))
 if rank == 0:

@@ -23,8 +23,8 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from tiny_sparse_bert.config import check_options, claim_run_dir, parse_config, save_run_files
-from tiny_sparse_bert.data import Blocks, corpus_files, documents, load_tokenizer, train_tokenizer
+from tiny_sparse_bert.config import check_options, claim_run_dir, note_gpu_preset, parse_config, save_run_files
+from tiny_sparse_bert.data import Blocks, corpus_files, documents, file_sha256, load_tokenizer, train_tokenizer
 from tiny_sparse_bert.model import BertConfig, BertForMaskedLM, count_parameters
 from tiny_sparse_bert.pruning import MagnitudePruner
 from tiny_sparse_bert.train import (Checkpoints, Distillation, Reporting, Runtime, barrier, held_out_line,
@@ -105,7 +105,10 @@ check_options(cfg, positive=("vocab_size", "n_layer", "hidden", "n_head", "inter
                              "log_every", "distill_temperature", "mlm_prob"),
               non_negative=("max_docs", "weight_decay", "eval_every", "ckpt_every"),
               fraction=("warmup", "prune_begin", "prune_end", "distill"),
-              below_one=("final_sparsity", "dropout", "mlm_prob"))
+              below_one=("final_sparsity", "dropout", "mlm_prob"), at_least=(("seq_len", 3),))
+if cfg.hidden % cfg.n_head:
+    raise SystemExit(f"error: --hidden {cfg.hidden} is not divisible by --n-head {cfg.n_head} (each head gets "
+                     f"hidden / n_head dimensions)")
 if cfg.prune_begin >= cfg.prune_end:
     raise SystemExit(f"error: --prune-begin {cfg.prune_begin} must be below --prune-end {cfg.prune_end}")
 torch.manual_seed(cfg.seed)
@@ -118,29 +121,37 @@ dense_dir, sparse_dir = os.path.join(cfg.out, "general-dense"), os.path.join(cfg
 dense_ckpt, sparse_ckpt = os.path.join(dense_dir, "ckpt.pt"), os.path.join(sparse_dir, "ckpt.pt")
 dense_record, sparse_record = os.path.join(dense_dir, "record.jsonl"), os.path.join(sparse_dir, "record.jsonl")
 print(f"config (preset {preset}, {world} process{'es' if world > 1 else ''} on {device}{', bf16' if bf16 else ''}): {asdict(cfg)}")
+note_gpu_preset(preset, device)
 t_start = time.time()
 
 # an earlier run in --out is continued (--resume), replaced (--overwrite), or left alone
 existing = claim_run_dir(cfg, cfg.out, [(dense_ckpt, BOOKKEEPING + PHASE2, "dense_steps"),
                                         (sparse_ckpt, BOOKKEEPING, "prune_steps")])
-if cfg.overwrite and rank == 0:  # a new dense model makes every sparse model pruned from the old one stale
-    for path in [dense_ckpt, dense_record] + glob.glob(os.path.join(cfg.out, "general-sparse*", "ckpt.pt")) + \
-            glob.glob(os.path.join(cfg.out, "general-sparse*", "record.jsonl")):
-        if os.path.exists(path):
-            os.remove(path)
+if cfg.overwrite and rank == 0:  # every file of the old run; a new dense model makes every sparse one stale
+    for run_dir in [dense_dir] + glob.glob(os.path.join(cfg.out, "general-sparse*")):
+        for name in ("ckpt.pt", "record.jsonl", "config.json", "tokenizer.json"):
+            if os.path.exists(os.path.join(run_dir, name)):
+                os.remove(os.path.join(run_dir, name))
 barrier(world)
 
 # %% 2) data: WordPiece tokenizer on the general corpus, then one cached token array per corpus
 general_files = corpus_files(cfg.data, "general")
 tokenizer_path = os.path.join(cfg.out, "tokenizer.json")
-if rank == 0 and not (cfg.resume and existing):  # a resumed run keeps the tokenizer its checkpoints use
+resuming = cfg.resume and existing  # a resumed run keeps the tokenizer its checkpoints were trained with
+if resuming and not os.path.exists(tokenizer_path):
+    raise SystemExit(f"error: --resume needs {tokenizer_path}, the run's tokenizer; copy it back (each finished model "
+                     f"directory holds a copy, e.g. {dense_dir}/tokenizer.json)")
+if rank == 0 and not resuming:
     print(f"training a {cfg.vocab_size}-token WordPiece tokenizer -> {tokenizer_path}")
     train_tokenizer(list(documents(general_files, cfg.max_docs or None)), cfg.vocab_size, tokenizer_path)
 barrier(world)  # the other ranks wait for rank 0's tokenizer
 tokenizer = load_tokenizer(tokenizer_path)
 if tokenizer.get_vocab_size() != cfg.vocab_size:
-    raise SystemExit(f"error: {tokenizer_path} has {tokenizer.get_vocab_size()} tokens, config asks for "
-                     f"{cfg.vocab_size}; delete it or use another --out")
+    raise SystemExit(f"error: {tokenizer_path} has {tokenizer.get_vocab_size()} pieces, --vocab-size asks for "
+                     f"{cfg.vocab_size}: " + ("not this run's tokenizer (copy the run's own back)" if resuming else
+                                              "the corpus gives no more pieces than that, or needs more (its "
+                                              "characters and the special tokens); choose another --vocab-size"))
+tokenizer_sha256 = file_sha256(tokenizer_path)
 corpora = mlm_corpora(cfg.data, tokenizer, cfg.seq_len, cfg.batch_size, cfg.max_docs, rank, world)
 general_train = corpora["general"][0]
 print(f"general corpus: {len(general_train):,} training and {len(corpora['general'][1].tokens):,} held-out tokens")
@@ -168,13 +179,15 @@ model = BertForMaskedLM(model_config).to(device)
 ddp_model = wrap_ddp(model, device, world)  # None for a single process
 runtime = Runtime(device, ddp_model, rank == 0, cfg.compile, cfg.static_mlm, bf16)
 print(f"model: {count_parameters(model):,} parameters; {model_config}")
-state = dict(model_config=asdict(model_config), run_config=asdict(cfg), tokenizer="tokenizer.json")
+state = dict(model_config=asdict(model_config), run_config=asdict(cfg), tokenizer="tokenizer.json",
+             tokenizer_sha256=tokenizer_sha256)  # the tokenizer is tied to the checkpoint (config.load_run)
 
 
 # %% 4) phase 1: dense MLM pretraining from scratch
 print(f"\nphase 1: dense MLM, {cfg.dense_steps} steps of {cfg.batch_size} x {cfg.seq_len} tokens, lr {cfg.lr}")
 optimizer = make_optimizer(model, cfg.lr, cfg.weight_decay)
-start = resume(dense_ckpt, model, optimizer) if cfg.resume and os.path.exists(dense_ckpt) else 0
+start = (resume(dense_ckpt, model, optimizer, tokenizer_sha256=tokenizer_sha256)
+         if resuming and os.path.exists(dense_ckpt) else 0)
 t_phase = time.time()
 train(model, optimizer, batch_fn, cfg.dense_steps, peak_lr=cfg.lr, warmup_steps=int(cfg.warmup * cfg.dense_steps),
       ckpt=Checkpoints(dense_ckpt, cfg.ckpt_every, start, dict(state, phase="dense")),
@@ -198,7 +211,8 @@ print(f"\nphase 2: GMP to {cfg.final_sparsity:.0%} sparsity, cubic schedule over
       f"{cfg.prune_steps}, masks updated every {cfg.prune_every} steps, lr {cfg.prune_lr}"
       + (f", distillation weight {cfg.distill}" if teacher else ""))
 optimizer = make_optimizer(model, cfg.prune_lr, cfg.weight_decay)
-start = resume(sparse_ckpt, model, optimizer, pruner) if cfg.resume and os.path.exists(sparse_ckpt) else 0
+start = (resume(sparse_ckpt, model, optimizer, pruner, tokenizer_sha256=tokenizer_sha256)
+         if resuming and os.path.exists(sparse_ckpt) else 0)
 t_phase = time.time()
 train(model, optimizer, batch_fn, cfg.prune_steps, peak_lr=cfg.prune_lr,
       warmup_steps=int(cfg.warmup * cfg.prune_steps), pruner=pruner,

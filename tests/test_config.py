@@ -51,6 +51,22 @@ def test_resume_refuses_changes_to_a_finished_run_and_reports_them_on_an_unfinis
     assert "resuming " + path + " at step 4 with changed settings: --lr 0.001 -> 0.0001" in capsys.readouterr().out
 
 
+def test_minimum_sizes_and_a_checkpoint_without_its_model_config(tmp_path):
+    from tiny_sparse_bert.config import load_run
+    from tiny_sparse_bert.data import train_tokenizer
+
+    @dataclass
+    class Sizes:
+        seq_len: int = 2
+    with pytest.raises(SystemExit, match=re.escape("--seq-len 2: must be >= 3")):
+        check_options(Sizes(), at_least=(("seq_len", 3),))
+    check_options(Sizes(seq_len=3), at_least=(("seq_len", 3),))
+    save_checkpoint(str(tmp_path / "ckpt.pt"), model={}, step=5)
+    train_tokenizer(["a b c"] * 5, 40, str(tmp_path / "tokenizer.json"))
+    with pytest.raises(SystemExit, match="holds no model_config: not a checkpoint of"):
+        load_run(str(tmp_path), "--models")
+
+
 def test_run_directory_and_output_checks(tmp_path):
     (tmp_path / "run").mkdir()
     with pytest.raises(SystemExit, match="no ckpt.pt there; such a directory is written by train_general.py"):

@@ -90,14 +90,19 @@ def test_token_cache_reused_and_invalidated(tmp_path, tokenizer):
     assert len(os.listdir(tmp_path / "cache")) == 6 and len(train2) > len(train)
 
 
-@pytest.mark.parametrize("damage", ["truncate", "empty", "same-size garbage", "delete"])
+@pytest.mark.parametrize("damage", ["truncate", "empty", "same-size garbage", "delete", "manifest"])
 def test_damaged_token_cache_is_rebuilt(tmp_path, tokenizer, capsys, damage):
     files = [(read_id_text, write(tmp_path, "abstracts.txt", BIO * 30))]
     cache = str(tmp_path / "cache")
     train, val = (np.array(a) for a in tokenize_corpus("bio", files, tokenizer, cache, val_every=4))
     path = next(os.path.join(cache, f) for f in os.listdir(cache) if f.endswith(".train.npy"))
     size = os.path.getsize(path)
-    if damage == "delete":
+    if damage == "manifest":  # the record of the arrays is cut short
+        manifest = path.replace(".train.npy", ".json")
+        with open(manifest, "r+b") as f:
+            f.truncate(os.path.getsize(manifest) // 2)
+        path = manifest
+    elif damage == "delete":
         os.remove(path)
     else:
         with open(path, "r+b") as f:
@@ -108,7 +113,8 @@ def test_damaged_token_cache_is_rebuilt(tmp_path, tokenizer, capsys, damage):
                 f.truncate(size // 2 if damage == "truncate" else 0)
     train2, val2 = tokenize_corpus("bio", files, tokenizer, cache, val_every=4)
     assert f"token cache {path} does not match its manifest" in capsys.readouterr().out
-    assert np.array_equal(train2, train) and np.array_equal(val2, val) and os.path.getsize(path) == size
+    assert np.array_equal(train2, train) and np.array_equal(val2, val)
+    assert damage == "manifest" or os.path.getsize(path) == size
 
 
 def test_tokenizer_training_is_deterministic(tmp_path):
@@ -170,3 +176,9 @@ def test_missing_inputs_are_one_line_errors(tmp_path):
         load_tokenizer(str(tmp_path / "tokenizer.json"))
     with pytest.raises(SystemExit, match="no checkpoint at"):
         load_checkpoint(str(tmp_path / "ckpt.pt"))
+    (tmp_path / "tokenizer.json").write_text('{"version": "1.0", "truncation": nu')  # cut off mid-file
+    with pytest.raises(SystemExit, match=r"tokenizer.json is damaged \(.*\); it is written by train_general.py"):
+        load_tokenizer(str(tmp_path / "tokenizer.json"))
+    from tiny_sparse_bert.data import Blocks
+    with pytest.raises(SystemExit, match="a corpus of 100 tokens holds fewer than one batch of 8 x 64"):
+        Blocks(np.arange(100), 64, 8)

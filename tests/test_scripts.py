@@ -1,6 +1,7 @@
 """Smoke tests: the three scripts on their `tiny` preset, on mirror data, in a temporary directory."""
 import json
 import os
+import shutil
 
 import pytest
 import torch
@@ -282,3 +283,97 @@ def test_finetune_refuses_empty_splits_and_bad_labels(general, tmp_path):
     line = run_failing(args + ["--tasks", "chemprot", "--data", str(tmp_path / "data")])
     assert line == (f"error: {chemprot / 'train.jsonl'}:2: expected a JSON object with 'text' and 'label' strings "
                     f"(3 is not a string)")
+
+
+def test_finetune_stop_keeps_finished_runs_and_the_same_command_continues(bio, mirror_data, tmp_path):
+    """SIGTERM (a scheduler's stop; Ctrl-C is the same path) in the middle of finetune.py keeps every
+    finished run; the same command again runs only the rest and ends with the uninterrupted result."""
+    import signal
+    import subprocess
+    import sys
+    import time
+    from conftest import ROOT
+    out, _ = bio
+    args = ["finetune.py", "--preset", "tiny", "--data", mirror_data, "--models", str(out / "bio-dense"),
+            "--random-baseline", "false", "--tasks", "ncbi_disease,bc5cdr_chem", "--max-train", "400", "--epochs", "2"]
+    run_script(args + ["--out", str(tmp_path / "whole")])
+    stopped = tmp_path / "stopped"
+    p = subprocess.Popen([sys.executable, *args, "--out", str(stopped)], cwd=ROOT, stdout=subprocess.PIPE,
+                         stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 120
+    while not (stopped / "runs.json").exists() and time.time() < deadline and p.poll() is None:
+        time.sleep(0.05)
+    p.send_signal(signal.SIGTERM)
+    log = p.communicate(timeout=120)[0]
+    assert p.returncode == 130, log[-2000:]
+    kept = len(json.loads((stopped / "runs.json").read_text())["runs"])
+    assert 1 <= kept < 8 and f"stopped: {kept} finished runs are kept in" in log
+    assert not (stopped / "results.json").exists()
+    log = run_script(args + ["--out", str(stopped)])
+    assert f"{kept} runs already finished in {stopped / 'runs.json'}: not run again" in log
+    whole, resumed = (json.loads((tmp_path / d / "results.json").read_text()) for d in ("whole", "stopped"))
+    assert resumed["runs"] == whole["runs"] and resumed["scores"] == whole["scores"]
+    line = run_failing(args + ["--out", str(stopped), "--lr", "1e-3"])  # another command into the same folder
+    assert line.startswith(f"error: {stopped}/runs.json holds the runs of another command (lr: 1.5e-3,3e-3 -> 1e-3)")
+
+
+def test_finetune_records_a_non_finite_run_as_failed_and_goes_on(bio, mirror_data, tmp_path):
+    out, _ = bio
+    run_script(["finetune.py", "--preset", "tiny", "--data", mirror_data, "--models", str(out / "bio-dense"),
+                "--random-baseline", "false", "--tasks", "ncbi_disease", "--lr", "1e-3,1e30", "--out", str(tmp_path)])
+    results = json.loads((tmp_path / "results.json").read_text())
+    runs = results["runs"]["bio-dense"]["ncbi_disease"]
+    failed = [r for r in runs if r.get("failed")]
+    assert [r["lr"] for r in failed] == [1e30] and not failed[0]["selected"]
+    assert results["recipes"]["bio-dense"]["ncbi_disease"][1] == 1e-3 and len(results["scores"]["bio-dense"]["ncbi_disease"]) == 2
+    assert "[FAILED 1 run: lr 1e+30 seed 0: loss or gradient norm is not finite" in (tmp_path / "results.md").read_text()
+
+
+def test_an_unfinished_run_or_a_foreign_tokenizer_is_refused(bio, mirror_data, tmp_path):
+    """A phase stopped half-way (here: a checkpoint marked unfinished at step 12 of 30) is not a model to
+    build on; nor is a checkpoint next to another run's tokenizer."""
+    from tiny_sparse_bert.data import train_tokenizer
+    out, _ = bio
+    half = tmp_path / "general-sparse90"
+    shutil.copytree(out / "general-sparse90", half)
+    ckpt = torch.load(half / "ckpt.pt", weights_only=True)
+    torch.save({**ckpt, "step": 12, "finished": False}, half / "ckpt.pt")
+    expected = (f"error: --init {half} is an unfinished run (step 12 of 30): finish it with --resume (the same "
+                f"command that started it), or train it again")
+    assert run_failing(["train_bio.py", "--preset", "tiny", "--data", mirror_data, "--init", str(half),
+                        "--out", str(tmp_path / "bio")]) == expected
+    assert "is an unfinished run (step 12 of 30)" in run_failing(
+        ["finetune.py", "--preset", "tiny", "--data", mirror_data, "--models", str(half), "--out", str(tmp_path / "ft")])
+    foreign = tmp_path / "foreign" / "bio-dense"
+    shutil.copytree(out / "bio-dense", foreign)
+    train_tokenizer(["another corpus, another tokenizer"] * 50, 800, str(foreign / "tokenizer.json"))
+    line = run_failing(["finetune.py", "--preset", "tiny", "--data", mirror_data, "--models", str(foreign),
+                        "--out", str(tmp_path / "ft2")])
+    assert line == (f"error: {foreign / 'tokenizer.json'} is not the tokenizer {foreign / 'ckpt.pt'} was trained "
+                    f"with (sha256 differs); copy that run's tokenizer.json back, or train again")
+    (foreign / "tokenizer.json").write_text((out / "bio-dense" / "tokenizer.json").read_text()[:300])  # truncated
+    assert "tokenizer.json is not the tokenizer" in run_failing(
+        ["finetune.py", "--preset", "tiny", "--data", mirror_data, "--models", str(foreign), "--out", str(tmp_path / "ft3")])
+
+
+def test_overwrite_removes_every_file_of_the_run_it_replaces(mirror_data, tmp_path):
+    args = ["train_general.py", "--preset", "tiny", "--data", mirror_data, "--out", str(tmp_path),
+            "--dense-steps", "6", "--prune-steps", "6", "--prune-every", "2"]
+    run_script(args)
+    stale = tmp_path / "general-sparse80"  # pruned from the old dense model by an earlier command
+    shutil.copytree(tmp_path / "general-sparse90", stale)
+    run_script(args + ["--overwrite", "--seed", "1"])
+    assert os.listdir(stale) == []  # no checkpoint, tokenizer or config of a model pruned from the old one
+    ckpt = torch.load(tmp_path / "general-sparse90" / "ckpt.pt", weights_only=True)
+    assert ckpt["finished"] and ckpt["run_config"]["seed"] == 1
+
+
+def test_one_line_errors_for_sizes_that_cannot_work(mirror_data, tmp_path):
+    args = ["train_general.py", "--preset", "tiny", "--data", mirror_data, "--out", str(tmp_path / "out")]
+    assert run_failing(args + ["--seq-len", "2"]) == "error: --seq-len 2: must be >= 3"
+    assert run_failing(args + ["--n-head", "3"]).startswith("error: --hidden 64 is not divisible by --n-head 3")
+    assert run_failing(args + ["--batch-size", "100000"]).startswith("error: a corpus of ")
+    line = run_failing(args + ["--vocab-size", "3", "--overwrite"])
+    assert "--vocab-size asks for 3" in line and "delete" not in line
+    line = run_failing(["finetune.py", "--preset", "tiny", "--models", "", "--out", str(tmp_path / "ft")])
+    assert line.startswith("error: --models is empty")

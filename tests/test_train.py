@@ -83,13 +83,14 @@ def test_non_finite_loss_stops_and_keeps_last_checkpoint(tmp_path):
     assert ckpt["step"] == 4 and torch.isfinite(ckpt["model"]["decoder_bias"]).all()
 
 
-def test_ctrl_c_saves_and_exits(tmp_path):
+@pytest.mark.parametrize("stop", [signal.SIGINT, signal.SIGTERM])  # Ctrl-C, and a batch scheduler's stop
+def test_ctrl_c_saves_and_exits(tmp_path, stop):
     model, optimizer, pruner, batch_fn = setup()
-    before = signal.getsignal(signal.SIGINT)  # Python's default, or SIG_IGN under `nohup ... &`
+    before = signal.getsignal(stop)  # Python's default, or SIG_IGN under `nohup ... &`
 
     def interrupting(step):
         if step == 3:
-            os.kill(os.getpid(), signal.SIGINT)
+            os.kill(os.getpid(), stop)
         return batch_fn(step)
     with pytest.raises(SystemExit) as e:
         train(model, optimizer, interrupting, 10, peak_lr=1e-3, warmup_steps=2, pruner=pruner,
@@ -98,7 +99,8 @@ def test_ctrl_c_saves_and_exits(tmp_path):
     assert e.value.code == 130
     ckpt = load_checkpoint(tmp_path / "c.pt")
     assert ckpt["step"] == 4 and ckpt["note"] == "kept"  # the step in flight completed, then it saved
-    assert signal.getsignal(signal.SIGINT) is before  # the caller's handler restored
+    assert not ckpt["finished"]  # --init and --models refuse it (config.load_run)
+    assert signal.getsignal(stop) is before  # the caller's handler restored
 
 
 @pytest.mark.filterwarnings("ignore:CUDA is not available")

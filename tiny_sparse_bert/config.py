@@ -14,6 +14,7 @@ import os
 import tempfile
 from dataclasses import asdict, fields, replace
 
+from .data import file_sha256, load_tokenizer
 from .train import load_checkpoint
 
 
@@ -54,11 +55,19 @@ def parse_config(config_cls, presets, description, argv=None):
     return args.preset, config
 
 
-def check_options(config, positive=(), non_negative=(), fraction=(), below_one=()):
+def note_gpu_preset(preset, device):
+    """A GPU-sized preset started on the CPU runs, but for a very long time: say so at once."""
+    if preset in ("gpu", "base") and device.type == "cpu":
+        print(f"note: --preset {preset} is sized for a GPU; on the CPU it takes many times the default's time "
+              f"(the default preset is the one sized for a CPU)")
+
+
+def check_options(config, positive=(), non_negative=(), fraction=(), below_one=(), at_least=()):
     """One-line errors for options out of range, checked at start-up, before any work is done.
 
     positive: > 0 (sizes, steps, learning rates); non_negative: >= 0; fraction: in [0, 1];
-    below_one: in [0, 1) (sparsities, dropout: 1 would remove everything).
+    below_one: in [0, 1) (sparsities, dropout: 1 would remove everything); at_least: (name, minimum)
+    pairs (a sequence needs room for [CLS], one word piece and [SEP]).
     """
     rules = [(positive, lambda v: v > 0, "> 0"), (non_negative, lambda v: v >= 0, ">= 0"),
              (fraction, lambda v: 0 <= v <= 1, "in [0, 1]"), (below_one, lambda v: 0 <= v < 1, "in [0, 1)")]
@@ -67,6 +76,9 @@ def check_options(config, positive=(), non_negative=(), fraction=(), below_one=(
             value = getattr(config, name)
             if not ok(value):  # written as `not ok`, so that NaN is refused too
                 raise SystemExit(f"error: --{name.replace('_', '-')} {value}: must be {what}")
+    for name, minimum in at_least:
+        if not getattr(config, name) >= minimum:
+            raise SystemExit(f"error: --{name.replace('_', '-')} {getattr(config, name)}: must be >= {minimum}")
 
 
 def save_run_files(directory, tokenizer, config):
@@ -125,6 +137,33 @@ def check_run_dir(directory, option, written_by):
         if not os.path.exists(os.path.join(directory, name)):
             raise SystemExit(f"error: {option} {directory}: no {name} there; such a directory is written by "
                              f"{written_by} (run it first, or check the path)")
+
+
+STEPS_OF_PHASE = {"dense": "dense_steps", "sparse": "prune_steps", "bio": "steps"}  # checkpoint phase -> option
+
+
+def load_run(directory, option, written_by="train_general.py or train_bio.py"):
+    """(checkpoint, tokenizer) of a finished training run, for --init and --models; one-line errors for
+    an unfinished run, a checkpoint without its model config, and a tokenizer that is not the one
+    the checkpoint was trained with."""
+    check_run_dir(directory, option, written_by)
+    path = os.path.join(directory, "ckpt.pt")
+    ckpt = load_checkpoint(path, written_by)
+    if "model_config" not in ckpt:
+        raise SystemExit(f"error: {path} holds no model_config: not a checkpoint of {written_by}")
+    steps = ckpt.get("run_config", {}).get(STEPS_OF_PHASE.get(ckpt.get("phase")), 0)
+    if not ckpt.get("finished", ckpt["step"] >= steps):  # older checkpoints: step against the run's steps
+        raise SystemExit(f"error: {option} {directory} is an unfinished run (step {ckpt['step']} of {steps}): "
+                         f"finish it with --resume (the same command that started it), or train it again")
+    tokenizer_path = os.path.join(directory, "tokenizer.json")
+    if ckpt.get("tokenizer_sha256", file_sha256(tokenizer_path)) != file_sha256(tokenizer_path):
+        raise SystemExit(f"error: {tokenizer_path} is not the tokenizer {path} was trained with (sha256 differs); "
+                         f"copy that run's tokenizer.json back, or train again")
+    tokenizer = load_tokenizer(tokenizer_path)
+    if tokenizer.get_vocab_size() != ckpt["model_config"]["vocab_size"]:
+        raise SystemExit(f"error: {tokenizer_path} has {tokenizer.get_vocab_size()} pieces, the model in {path} "
+                         f"{ckpt['model_config']['vocab_size']}: not the tokenizer it was trained with")
+    return ckpt, tokenizer
 
 
 def check_writable(directory):

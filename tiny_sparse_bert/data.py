@@ -71,7 +71,11 @@ def train_tokenizer(texts, vocab_size, path):
 def load_tokenizer(path):
     if not os.path.exists(path):
         raise SystemExit(f"error: no tokenizer at {path}: run train_general.py first")
-    tok = Tokenizer.from_file(path)
+    try:
+        tok = Tokenizer.from_file(path)
+    except Exception as e:  # truncated or edited JSON: tokenizers raises its own exception type
+        raise SystemExit(f"error: {path} is damaged ({str(e).splitlines()[0][:80]}); it is written by "
+                         f"train_general.py: run that again (or copy the run's own tokenizer.json back)") from None
     if [tok.token_to_id(t) for t in SPECIAL_TOKENS] != list(range(NUM_SPECIAL)):
         raise ValueError(f"{path}: special tokens are not {SPECIAL_TOKENS} at ids 0..{NUM_SPECIAL - 1}")
     return tok
@@ -179,10 +183,13 @@ def tokenize_corpus(name, files, tokenizer, cache_dir, max_docs=None, val_every=
     stem = os.path.join(cache_dir, f"{name}-{key.hexdigest()[:16]}")
     paths = {split: f"{stem}.{split}.npy" for split in ("train", "val")}
     if os.path.exists(stem + ".json"):  # the manifest is written last: the cache was complete
-        with open(stem + ".json") as f:
-            manifest = json.load(f)
-        damaged = [p for split, p in paths.items() if not os.path.exists(p) or
-                   os.path.getsize(p) != manifest[split]["bytes"] or file_sha256(p) != manifest[split]["sha256"]]
+        try:
+            with open(stem + ".json") as f:
+                manifest = json.load(f)
+            damaged = [p for split, p in paths.items() if not os.path.exists(p) or
+                       os.path.getsize(p) != manifest[split]["bytes"] or file_sha256(p) != manifest[split]["sha256"]]
+        except (ValueError, KeyError, TypeError):  # the manifest itself is damaged
+            damaged = [stem + ".json"]
         if not damaged:
             return tuple(np.load(p, mmap_mode="r") for p in paths.values())
         print(f"token cache {damaged[0]} does not match its manifest (damaged?); rebuilding it")
@@ -242,7 +249,9 @@ class Blocks:
         self.n_blocks = len(tokens) // (seq_len - 2)
         self.batch_size = batch_size
         self.batches_per_epoch = self.n_blocks // batch_size
-        assert self.batches_per_epoch > 0, f"corpus of {len(tokens)} tokens < one batch of {batch_size} blocks"
+        if self.batches_per_epoch == 0:
+            raise SystemExit(f"error: a corpus of {len(tokens):,} tokens holds fewer than one batch of {batch_size} "
+                             f"x {seq_len}; lower --batch-size or --seq-len (or raise --max-docs)")
 
     def block(self, i):
         body = np.asarray(self.tokens[i * (self.seq_len - 2):(i + 1) * (self.seq_len - 2)], dtype=np.int64)

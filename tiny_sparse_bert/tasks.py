@@ -212,7 +212,8 @@ def encode(task, examples, tokenizer, labels, max_len):
 
     NER: words are split into word pieces; the word's label goes on its first piece and the other
     pieces get IGNORE_INDEX (BERT 5.3). `first` holds the first-piece positions, to read one
-    prediction per word back; words cut off by max_len keep their gold label in `word_labels`.
+    prediction per word back; words cut off by max_len keep their gold label in `word_labels`. A
+    word the tokenizer turns into no piece at all is read as [UNK], so that `first` stays aligned.
     """
     index = {l: i for i, l in enumerate(labels)}
     tokenizer.enable_truncation(max_len)
@@ -221,6 +222,10 @@ def encode(task, examples, tokenizer, labels, max_len):
         if task.kind == "ner":
             words, tags = ex
             enc = tokenizer.encode(words, is_pretokenized=True)
+            present = set(enc.word_ids) - {None}
+            if present and len(present) <= max(present):  # words with no piece (a no-break space, say):
+                words = [w if i in present or i > max(present) else "[UNK]" for i, w in enumerate(words)]
+                enc = tokenizer.encode(words, is_pretokenized=True)  # each gets [UNK], so words pair 1:1
             y, first, previous = [], [], None
             for pos, w in enumerate(enc.word_ids):
                 if w is not None and w != previous:

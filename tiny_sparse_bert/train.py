@@ -281,12 +281,16 @@ def all_finite(tensors):
     return not floats or bool(torch.stack([torch.isfinite(t).all() for t in floats]).all())
 
 
-def resume(path, model, optimizer, pruner=None, written_by="train_general.py or train_bio.py"):
+def resume(path, model, optimizer, pruner=None, written_by="train_general.py or train_bio.py", tokenizer_sha256=None):
     """Load a checkpoint written by `train` into model, optimizer, pruner and the RNGs; return its step.
 
-    A checkpoint of another model config is refused with a one-line error.
+    A checkpoint of another model config, or trained with another tokenizer than the one whose
+    sha256 is given, is refused with a one-line error.
     """
     ckpt = load_checkpoint(path, written_by)
+    if tokenizer_sha256 and ckpt.get("tokenizer_sha256", tokenizer_sha256) != tokenizer_sha256:
+        raise SystemExit(f"error: {path} was trained with another tokenizer than the one beside it (sha256 differs); "
+                         f"put that run's tokenizer.json back, or start over with --overwrite")
     ours = asdict(model.config)
     if ckpt["model_config"] != ours:
         diff = {k: (ckpt["model_config"].get(k), v) for k, v in ours.items() if ckpt["model_config"].get(k) != v}
@@ -463,9 +467,12 @@ def train(model, optimizer, batch_fn, steps, *, peak_lr, warmup_steps, pruner=No
     last_good = ckpt_path if ckpt_path and start_step > 0 and os.path.exists(ckpt_path) else None
 
     def stop(what, step):
-        where = (f"the last good checkpoint is {last_good} (--resume continues from it)" if last_good
-                 else "no checkpoint was written" if ckpt_path else "nothing was saved")
-        raise NonFiniteLoss(f"error: {what} at step {step}; stopped, {where}; try a lower --lr or more --warmup")
+        where = (f"the last good checkpoint is {last_good}: --resume with a lower --lr or more --warmup continues "
+                 f"from it (if it fails again at once, that checkpoint has diverged too: start over with "
+                 f"--overwrite, and a smaller --ckpt-every keeps earlier ones)" if last_good
+                 else "no checkpoint was written; start over with a lower --lr or more --warmup" if ckpt_path
+                 else "nothing was saved; try a lower --lr or more --warmup")
+        raise NonFiniteLoss(f"error: {what} at step {step}; stopped, {where}")
 
     def check_finite():  # one host sync: the first step with a non-finite loss or gradient norm, if any
         bad_step = int(first_bad)
@@ -475,7 +482,7 @@ def train(model, optimizer, batch_fn, steps, *, peak_lr, warmup_steps, pruner=No
     def checkpoint(step):  # `step` = the number of completed steps; ckpt_path None = no checkpoints
         nonlocal last_good
         if is_main and ckpt_path:
-            state = dict(model=model.state_dict(), optimizer=optimizer.state_dict(),
+            state = dict(model=model.state_dict(), optimizer=optimizer.state_dict(), finished=step >= steps,
                          pruner=pruner.state_dict() if pruner else None, step=step, rng=torch.get_rng_state(),
                          cuda_rng=torch.cuda.get_rng_state() if device.type == "cuda" else None, **ckpt.extra_state)
             moments = [t for s in state["optimizer"]["state"].values() for t in s.values()]
@@ -484,12 +491,13 @@ def train(model, optimizer, batch_fn, steps, *, peak_lr, warmup_steps, pruner=No
             save_checkpoint(ckpt_path, **state)
             last_good = ckpt_path
 
-    # Ctrl-C sets a flag; the step in flight completes, then a checkpoint is saved (a second Ctrl-C kills)
+    # Ctrl-C (or SIGTERM, a batch scheduler's stop) sets a flag; the step in flight completes, then a
+    # checkpoint is saved (a second Ctrl-C kills)
     interrupted = []
-    def on_sigint(signum, frame):
+    def on_stop(signum, frame):
         interrupted.append(signum)
         signal.signal(signal.SIGINT, signal.default_int_handler)
-    previous_handler = signal.signal(signal.SIGINT, on_sigint)
+    previous_handlers = {s: signal.signal(s, on_stop) for s in (signal.SIGINT, signal.SIGTERM)}
 
     bar = tqdm(range(start_step, steps), initial=start_step, total=steps, disable=not is_main,
                leave=False, dynamic_ncols=True, mininterval=2.0)
@@ -553,7 +561,8 @@ def train(model, optimizer, batch_fn, steps, *, peak_lr, warmup_steps, pruner=No
                                                                 if ckpt_path else ""))
                 raise SystemExit(130)
     finally:
-        signal.signal(signal.SIGINT, previous_handler)
+        for s, handler in previous_handlers.items():
+            signal.signal(s, handler)
         bar.close()
     check_finite()
     checkpoint(steps)

@@ -10,20 +10,22 @@ results table (results.md) with every run (results.json).
     recipe = select_recipe(runs, recipes)                  # the best mean dev score wins
     table, chosen = results_table(results, info, tasks, seeds_of)
 """
+import atexit
 import json
+import math
 import os
+import shutil
 import statistics
 from dataclasses import replace
 
 import numpy as np
 import torch
 
-from .config import dense_counterpart
-from .data import load_tokenizer
+from .config import dense_counterpart, load_run
 from .pruning import prunable_parameters
 from .model import BertConfig, BertForMaskedLM, BertForSequenceClassification, BertForTokenClassification
 from .tasks import best_threshold, collate, entity_f1, f1_scores, label_list, load_splits, multilabel_f1
-from .train import autocast, load_checkpoint, to_device
+from .train import autocast, to_device
 
 
 def grid(option, text):
@@ -32,9 +34,9 @@ def grid(option, text):
         values = [float(v) for v in text.split(",") if v.strip()]
     except ValueError:
         values = []
-    ok = (lambda v: 0 <= v <= 1) if option == "distill-hardness" else (lambda v: v > 0)
+    ok = (lambda v: 0 <= v <= 1) if option == "distill-hardness" else (lambda v: 0 < v < math.inf)
     if not values or not all(ok(v) for v in values):
-        what = "numbers in [0, 1]" if option == "distill-hardness" else "positive numbers"
+        what = "numbers in [0, 1]" if option == "distill-hardness" else "positive, finite numbers"
         raise SystemExit(f"error: --{option} {text!r}: give one or a comma-separated list of {what}")
     return values
 
@@ -60,12 +62,29 @@ def load_task_data(tasks, data_dir, max_train, max_eval):
 
 
 def load_encoder(directory):
-    """(name, BertForMaskedLM, is_sparse, tokenizer) of a checkpoint directory."""
-    ckpt = load_checkpoint(os.path.join(directory, "ckpt.pt"), "train_general.py or train_bio.py")
+    """(name, BertForMaskedLM, is_sparse, tokenizer) of a finished run's directory."""
+    ckpt, tokenizer = load_run(directory, "--models")
     mlm = BertForMaskedLM(BertConfig(**ckpt["model_config"]))
     mlm.load_state_dict(ckpt["model"])
-    tokenizer = load_tokenizer(os.path.join(directory, "tokenizer.json"))
-    return os.path.basename(directory.rstrip("/")), mlm, ckpt.get("pruner") is not None, tokenizer
+    return os.path.basename(os.path.normpath(directory)), mlm, ckpt.get("pruner") is not None, tokenizer
+
+
+def check_names(model_dirs, tasks, random_baseline, seeded="all"):
+    """Tables and results name a model by its folder and a task by its name: refuse two that share
+    one; and say so when `--seeded` names none of the models."""
+    if not model_dirs:
+        raise SystemExit("error: --models is empty: give directories written by train_general.py or train_bio.py")
+    if not tasks:
+        raise SystemExit("error: --tasks is empty: give task names, ner:DIR or cls:DIR")
+    names = [os.path.basename(os.path.normpath(d)) for d in model_dirs] + (["random-init"] if random_baseline else [])
+    for kind, listed in (("--models", names), ("--tasks", [t.name for t in tasks])):
+        twice = sorted({n for n in listed if listed.count(n) > 1})
+        if twice:
+            raise SystemExit(f"error: {kind} names {twice[0]} twice (results name each by its folder); copy or "
+                             f"link one under another name")
+    family = lambda n: dense_counterpart(n) or n
+    if seeded != "all" and not {family(n) for n in names} & {family(n) for n in seeded.split(",")}:
+        print(f"note: --seeded {seeded} names none of the models: each runs --other-seeds seeds")
 
 
 def encoder_info(mlm, sparse):
@@ -121,6 +140,9 @@ def evaluate(model, task, items, names, device, bf16=False, threshold=None):
 def run_summary(name, task, run):
     """One log line per finished run: model, task, recipe, seed, dev and test scores."""
     tests = ", ".join(f"test {k} {v:.4f}" for k, v in run["test_metrics"].items())
+    if run.get("failed"):
+        return (f"{name} / {task.name} / {run['epochs']:g} epochs, lr {run['lr']:g} / seed {run['seed']}: "
+                f"FAILED, {run['failed']}")
     distilled = f", distilled (hardness {run['distill_hardness']:g})" if run["teacher"] else ""
     return (f"{name} / {task.name} / {run['epochs']:g} epochs, lr {run['lr']:g}{distilled} / seed {run['seed']}: "
             f"dev {task.metric} {run['dev']:.4f}, {tests}")
@@ -140,13 +162,16 @@ def recipe_of(run):
 
 
 def select_recipe(runs, recipes):
-    """The recipe with the best mean dev score over its runs (test is never looked at)."""
-    return max(recipes, key=lambda r: statistics.mean(x["dev"] for x in runs if recipe_of(x) == r))
+    """The recipe with the best mean dev score over its finished runs (test is never looked at); a
+    failed run (non-finite loss) counts for nothing. None when every run failed."""
+    dev = {r: [x["dev"] for x in runs if recipe_of(x) == r and not x.get("failed")] for r in recipes}
+    finished = [r for r in recipes if dev[r]]
+    return max(finished, key=lambda r: statistics.mean(dev[r])) if finished else None
 
 
 def test_scores(runs):
-    """The test scores of the dev-selected recipe, one per seed."""
-    return [run["test"] for run in runs if run["selected"]]
+    """The test scores of the dev-selected recipe, one per finished seed."""
+    return [run["test"] for run in runs if run["selected"] and not run.get("failed")]
 
 
 def mean_std(xs):
@@ -155,38 +180,146 @@ def mean_std(xs):
 
 def results_table(results, info, tasks, seeds_of):
     """(Markdown table, chosen recipes): a row per model, a column per task (mean ± std over seeds),
-    the average over tasks and, for a sparse model, its recovery: its average / its dense counterpart's."""
-    def average(name):  # the mean over tasks of the mean over seeds
-        return statistics.mean(mean_std(test_scores(results[name][t.name]["runs"]))[0] for t in tasks)
+    the average over tasks and, for a sparse model, its recovery: its average / its dense counterpart's.
+    A cell whose runs failed (non-finite loss) says so; a row with one has no average."""
+    def average(name):  # the mean over tasks of the mean over seeds; None if a task has no score
+        means = [mean_std(s)[0] if s else None for s in (test_scores(results[name][t.name]["runs"]) for t in tasks)]
+        return None if None in means else statistics.mean(means)
+
+    def cell(name, task):
+        runs = results[name][task.name]["runs"]
+        scores, selected = test_scores(runs), [r for r in runs if r["selected"]]
+        if not scores:
+            return "failed (non-finite loss)"
+        m, s = mean_std(scores)
+        text = f"{100 * m:.1f} ± {100 * s:.1f}" if seeds_of(name) > 1 else f"{100 * m:.1f}"
+        return text + (f" ({len(selected) - len(scores)} of {len(selected)} seeds failed)"
+                       if len(scores) < len(selected) else "")
 
     header = ["model", "sparsity", "non-zero encoder weights", "seeds"] + \
              [f"{t.name} ({t.metric})" for t in tasks] + ["average", "recovery vs dense"]
     rows = []
     for name in results:
-        counterpart = dense_counterpart(name)
-        recovery = f"{100 * average(name) / average(counterpart):.1f}%" if counterpart in results else ""
-        cells = [f"{100 * m:.1f} ± {100 * s:.1f}" if seeds_of(name) > 1 else f"{100 * m:.1f}"
-                 for m, s in (mean_std(test_scores(results[name][t.name]["runs"])) for t in tasks)]
+        counterpart, mine = dense_counterpart(name), average(name)
+        recovery = ""
+        if counterpart in results:
+            dense = average(counterpart)
+            recovery = f"{100 * mine / dense:.1f}%" if mine is not None and dense else "n/a"
         sparsity = f"{info[name]['sparsity']:.0%}"
         if "pruned_in_finetune" in info[name]:  # the ablation: a dense model pruned by GMP while it fine-tunes
             sparsity += f" -> {info[name]['pruned_in_finetune']:.0%} while fine-tuning"
-        rows.append([name, sparsity, f"{info[name]['nonzero']:,}", str(seeds_of(name))] + cells +
-                    [f"{100 * average(name):.1f}", recovery])
+        rows.append([name, sparsity, f"{info[name]['nonzero']:,}", str(seeds_of(name))] +
+                    [cell(name, t) for t in tasks] + ["" if mine is None else f"{100 * mine:.1f}", recovery])
     table = "\n".join("| " + " | ".join(r) + " |" for r in [header, ["---"] * len(header)] + rows)
-    chosen = "\n".join(f"- {name}: " + ", ".join(
-        f"{t} {e:g} epochs lr {lr:g}" + (f" distilled from {info[name]['teacher']} (hardness {h:g})" if h else "")
-        for t, r in results[name].items() for e, lr, h in [r["recipe"]]) for name in results)
+
+    def recipe_text(name, recipe):
+        if recipe is None:
+            return "every run failed"
+        e, lr, h = recipe
+        return f"{e:g} epochs lr {lr:g}" + (f" distilled from {info[name]['teacher']} (hardness {h:g})" if h else "")
+    def failures(runs):
+        failed = [f"lr {x['lr']:g} seed {x['seed']}: {x['failed']}" for x in runs if x.get("failed")]
+        return f" [FAILED {len(failed)} run{'s' * (len(failed) > 1)}: {'; '.join(failed)}]" if failed else ""
+    chosen = "\n".join(f"- {name}: " + ", ".join(f"{t} {recipe_text(name, r['recipe'])}{failures(r['runs'])}"
+                                                  for t, r in results[name].items()) for name in results)
     return table, chosen
 
 
 def write_results(out, config, table, chosen, info, results):
-    """results.md (the table) and results.json (every run: recipe, seed, dev curve, dev and test)."""
+    """results.md (the table) and results.json (every run: recipe, seed, dev curve, dev and test),
+    each written to a temporary file and renamed."""
     os.makedirs(out, exist_ok=True)
-    with open(os.path.join(out, "results.md"), "w") as f:
-        f.write(f"Test scores (x100), mean ± std over the seeds at each model's dev-selected recipe; "
-                f"`python finetune.py` with {config}\n\n{table}\n\nRecipes selected on dev:\n{chosen}\n")
-    with open(os.path.join(out, "results.json"), "w") as f:
-        json.dump({"config": config, "models": info,
-                   "scores": {n: {t: test_scores(r["runs"]) for t, r in rs.items()} for n, rs in results.items()},
-                   "recipes": {n: {t: r["recipe"] for t, r in rs.items()} for n, rs in results.items()},
-                   "runs": {n: {t: r["runs"] for t, r in rs.items()} for n, rs in results.items()}}, f, indent=1)
+    md = (f"Test scores (x100), mean ± std over the seeds at each model's dev-selected recipe; "
+          f"`python finetune.py` with {config}\n\n{table}\n\nRecipes selected on dev:\n{chosen}\n")
+    js = json.dumps({"config": config, "models": info,
+                     "scores": {n: {t: test_scores(r["runs"]) for t, r in rs.items()} for n, rs in results.items()},
+                     "recipes": {n: {t: r["recipe"] for t, r in rs.items()} for n, rs in results.items()},
+                     "runs": {n: {t: r["runs"] for t, r in rs.items()} for n, rs in results.items()}}, indent=1)
+    for name, text in (("results.md", md), ("results.json", js)):
+        with open(os.path.join(out, name + ".tmp"), "w") as f:
+            f.write(text)
+        os.replace(os.path.join(out, name + ".tmp"), os.path.join(out, name))
+
+
+# ---------------------------------------------------------------------------------- finished runs on disk
+# Every finished run is written to --out at once (runs.json, atomically), so a stop loses at most
+# the run in flight, and the same command run again continues: it skips what runs.json holds.
+
+RUNS_FILE = "runs.json"
+
+
+def run_key(model, task, epochs, lr, hardness, seed):
+    return f"{model} | {task} | {epochs:g} epochs | lr {lr:g} | hardness {hardness:g} | seed {seed}"
+
+
+def claim_out_dir(out, settings, overwrite):
+    """Check, before any run, that the runs already finished in `out` were made with these `settings`
+    (everything that changes a run's result), or remove them (`overwrite`); one-line errors
+    otherwise. A lock file keeps a second finetune.py from writing into the same folder at once."""
+    os.makedirs(out, exist_ok=True)
+    lock = os.path.join(out, ".lock")
+    try:
+        fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+    except FileExistsError:
+        pid = open(lock).read().strip()
+        if pid.isdigit() and process_alive(int(pid)):
+            raise SystemExit(f"error: another finetune.py (pid {pid}) is writing to {out}; wait for it, "
+                             f"or choose another --out") from None
+        fd = os.open(lock, os.O_WRONLY | os.O_TRUNC)  # left behind by a process that is gone
+    os.write(fd, str(os.getpid()).encode())
+    os.close(fd)
+    release = lambda: os.path.exists(lock) and os.remove(lock)
+    atexit.register(release)
+    try:
+        check_out_dir(out, settings, overwrite)
+    except SystemExit:
+        release()
+        raise
+
+
+def check_out_dir(out, settings, overwrite):
+    if overwrite:
+        for name in (RUNS_FILE, "results.json", "results.md"):
+            if os.path.exists(os.path.join(out, name)):
+                os.remove(os.path.join(out, name))
+        shutil.rmtree(os.path.join(out, "teachers"), ignore_errors=True)
+    before, _ = recorded_runs(out)
+    if before is None and os.path.exists(os.path.join(out, "results.json")):
+        raise SystemExit(f"error: {out} holds the results of an earlier finetune.py; start over with --overwrite, "
+                         f"or choose another --out")
+    changed = {k: (before.get(k), v) for k, v in settings.items() if before.get(k) != v} if before else {}
+    if changed:
+        what = ", ".join(f"{k}: {a} -> {b}" for k, (a, b) in changed.items())[:300]
+        raise SystemExit(f"error: {out}/{RUNS_FILE} holds the runs of another command ({what}); run that command "
+                         f"again to continue it, start over with --overwrite, or choose another --out")
+
+
+def recorded_runs(out):
+    """(settings, {run_key: run}) of the runs finished in `out`; (None, {}) when there are none."""
+    path = os.path.join(out, RUNS_FILE)
+    if not os.path.exists(path):
+        return None, {}
+    try:
+        with open(path) as f:
+            stored = json.load(f)
+        return stored["settings"], dict(stored["runs"])
+    except (ValueError, KeyError, TypeError):
+        raise SystemExit(f"error: {path} is damaged; start over with --overwrite") from None
+
+
+def process_alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, but another user's
+        return True
+    return True
+
+
+def save_runs(out, settings, runs):
+    """runs.json with every finished run, written to a temporary file and renamed: never half-written."""
+    path = os.path.join(out, RUNS_FILE)
+    with open(path + ".tmp", "w") as f:
+        json.dump({"settings": settings, "runs": runs}, f, indent=1)
+    os.replace(path + ".tmp", path)
