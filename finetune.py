@@ -34,7 +34,8 @@ from tiny_sparse_bert.model import BertForMaskedLM
 from tiny_sparse_bert.pruning import MagnitudePruner
 from tiny_sparse_bert.tasks import collate, encode, get_task, length_grouped_batches
 from tiny_sparse_bert.train import (Distillation, NonFiniteLoss, Reporting, Runtime, barrier, load_checkpoint,
-                                    make_optimizer, save_checkpoint, setup_distributed, train, use_bf16, wrap_ddp)
+                                    make_optimizer, precision_name, save_checkpoint, setup_distributed, train, use_bf16,
+                                    wrap_ddp)
 from tiny_sparse_bert.transfer import (RUNS_FILE, check_names, claim_out_dir, encoder_info, evaluate, grid,
                                        head_model, load_encoder, load_task_data, recipe_of, recorded_runs,
                                        results_table, run_key, run_summary, save_runs, seeds_for, select_recipe,
@@ -71,7 +72,7 @@ class Config:
     prune_during_finetune: float = 0.0  # ablation: prune dense models with GMP to this sparsity while fine-tuning
     device: str = "auto"           # auto (cuda, then mps, then cpu) | cpu | cuda | cuda:N | mps
     compile: bool = False         # torch.compile the model (worth it on a GPU)
-    precision: str = "auto"        # auto (bf16 on CUDA and AMX CPUs, else fp32) | bf16 | fp32
+    precision: str = "auto"        # auto (bf16 on CUDA and CPUs with bf16 dot products, else fp32) | bf16 | fp32
     overwrite: bool = False        # start over, removing the runs already finished in --out
 
 
@@ -104,7 +105,8 @@ rank, world, device = setup_distributed(cfg.device)  # one process, or one of `t
 bf16 = use_bf16(device, cfg.precision)
 if rank != 0:
     sys.stdout = open(os.devnull, "w")  # only rank 0 prints and writes files
-print(f"config (preset {preset}, {world} process{'es' if world > 1 else ''} on {device}{', bf16' if bf16 else ''}): {asdict(cfg)}")
+print(f"config (preset {preset}, {world} process{'es' if world > 1 else ''} on {device}, precision: "
+      f"{precision_name(device, bf16)}): {asdict(cfg)}")
 note_gpu_preset(preset, device)
 seeds_of = lambda name: seeds_for(name, cfg.seeded, cfg.seeds, cfg.other_seeds)
 settings = {k: v for k, v in asdict(cfg).items() if k not in BOOKKEEPING}

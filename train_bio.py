@@ -29,7 +29,7 @@ from tiny_sparse_bert.model import BertConfig, BertForMaskedLM
 from tiny_sparse_bert.pruning import MagnitudePruner
 from tiny_sparse_bert.train import (Checkpoints, Reporting, Runtime, held_out_line, make_optimizer,
                                     mlm_batch, mlm_corpora, resume, setup_distributed, static_predictions, train,
-                                    use_bf16, wrap_ddp)
+                                    precision_name, use_bf16, wrap_ddp)
 
 
 @dataclass
@@ -53,7 +53,7 @@ class Config:
     device: str = "auto"           # auto (cuda, then mps, then cpu) | cpu | cuda | cuda:N | mps
     compile: bool = False         # torch.compile the model (worth it on a GPU)
     static_mlm: bool = False       # a fixed number of MLM predictions per batch: static shapes for --compile
-    precision: str = "auto"        # auto (bf16 on CUDA and AMX CPUs, else fp32) | bf16 | fp32
+    precision: str = "auto"        # auto (bf16 on CUDA and CPUs with bf16 dot products, else fp32) | bf16 | fp32
     resume: bool = False           # continue the run in --out (after Ctrl-C, a crash, a NaN)
     overwrite: bool = False        # start over, replacing the run in --out (it is refused otherwise)
 
@@ -92,7 +92,8 @@ if cfg.overwrite and rank == 0:  # every file of the run being replaced
     for path in (ckpt_path, record_path, os.path.join(out_dir, "config.json"), os.path.join(out_dir, "tokenizer.json")):
         if os.path.exists(path):
             os.remove(path)
-print(f"config (preset {preset}, {world} process{'es' if world > 1 else ''} on {device}{', bf16' if bf16 else ''}): {asdict(cfg)}")
+print(f"config (preset {preset}, {world} process{'es' if world > 1 else ''} on {device}, precision: "
+      f"{precision_name(device, bf16)}): {asdict(cfg)}")
 note_gpu_preset(preset, device)
 t_start = time.time()
 

@@ -1,3 +1,5 @@
+import json
+import math
 import os
 import signal
 from dataclasses import replace
@@ -11,7 +13,7 @@ import torch.nn.functional as F
 from tiny_sparse_bert.data import Blocks, NUM_SPECIAL
 from tiny_sparse_bert.model import IGNORE_INDEX, BertConfig, BertForMaskedLM, BertForTokenClassification
 from tiny_sparse_bert.pruning import MagnitudePruner
-from tiny_sparse_bert.train import (Checkpoints, Distillation, NonFiniteLoss, Reporting, linear_warmup_decay,
+from tiny_sparse_bert.train import (Checkpoints, Distillation, NonFiniteLoss, Reporting, Runtime, linear_warmup_decay,
                                     load_checkpoint, make_optimizer, mlm_batch, train)
 
 CFG = BertConfig(vocab_size=100, n_layer=2, hidden=32, n_head=4, intermediate=64, max_position=32, dropout=0.1)
@@ -359,7 +361,7 @@ def test_device_auto_prefers_cuda_then_mps_then_cpu(monkeypatch):
         assert pick_device("auto").type == expected
     monkeypatch.setattr(torch.backends.mps, "is_available", lambda: True)
     assert pick_device("mps").type == "mps"
-    monkeypatch.setattr("tiny_sparse_bert.train.cpu_has_amx", lambda: True)
+    monkeypatch.setattr("tiny_sparse_bert.train.cpu_bf16_support", lambda: "amx_bf16")
     assert not use_bf16(torch.device("mps")) and use_bf16(torch.device("cpu"))  # auto: AMX is a CPU's, not mps's
     assert use_bf16(torch.device("mps"), "bf16")
     moved = []
@@ -373,3 +375,29 @@ def test_sparse_inference_says_it_does_not_run_on_mps():
     on_mps = SimpleNamespace(parameters=lambda: iter([SimpleNamespace(device=torch.device("mps"))]))
     with pytest.raises(ValueError, match="not on mps: call model.cpu"):
         convert_to_sparse(on_mps)
+
+
+def test_precision_auto_follows_what_the_cpu_reports(monkeypatch):
+    """bf16 where the CPU has native bf16 dot products (faked /proc/cpuinfo flags), fp32 elsewhere."""
+    from tiny_sparse_bert import train as t
+    flags = {"AMD EPYC (Zen 4)": ("fpu avx2 avx512f avx512_bf16 avx512_vnni", "avx512_bf16"),
+             "Intel Xeon (Sapphire Rapids)": ("avx512f avx512_bf16 amx_bf16 amx_tile", "amx_bf16"),
+             "ARM Neoverse V1": ("Features : fp asimd sve bf16 i8mm", "bf16"),
+             "a laptop without bf16": ("fpu avx2 fma", None)}
+    cpu = torch.device("cpu")
+    for name, (cpuinfo, expected) in flags.items():
+        assert t.cpu_bf16_support(cpuinfo) == expected, name
+        monkeypatch.setattr(t, "cpu_bf16_support", lambda cpuinfo=None: expected)
+        assert t.use_bf16(cpu) == (expected is not None), name
+        assert t.precision_name(cpu, t.use_bf16(cpu)) == (f"bf16 ({expected})" if expected else "fp32")
+        assert not t.use_bf16(cpu, "fp32") and t.use_bf16(cpu, "bf16")  # the override wins
+
+
+def test_a_tiny_bf16_run_on_the_cpu_has_a_finite_loss(tmp_path):
+    model, optimizer, pruner, batch_fn = setup()
+    losses = []
+    train(model, optimizer, batch_fn, 6, peak_lr=1e-3, warmup_steps=2, pruner=pruner,
+          report=Reporting(log_every=1, eval_fn=None, record_path=str(tmp_path / "r.jsonl")),
+          runtime=Runtime(bf16=True))
+    losses = [json.loads(line)["loss"] for line in open(tmp_path / "r.jsonl") if "loss" in line]
+    assert len(losses) == 6 and all(math.isfinite(x) for x in losses)
