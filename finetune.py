@@ -36,10 +36,10 @@ from tiny_sparse_bert.tasks import collate, encode, get_task, length_grouped_bat
 from tiny_sparse_bert.train import (Distillation, NonFiniteLoss, Reporting, Runtime, barrier, load_checkpoint,
                                     make_optimizer, precision_name, save_checkpoint, setup_distributed, train, use_bf16,
                                     wrap_ddp)
-from tiny_sparse_bert.transfer import (RUNS_FILE, check_names, claim_out_dir, encoder_info, evaluate, grid,
-                                       head_model, load_encoder, load_task_data, recipe_of, recorded_runs,
-                                       results_table, run_key, run_summary, save_runs, seeds_for, select_recipe,
-                                       write_results)
+from tiny_sparse_bert.transfer import (FLOOR_MARGIN, RUNS_FILE, bootstrap, check_names, claim_out_dir,
+                                       encoder_info, evaluate, floor_score, grid, head_model, intervals_table,
+                                       load_encoder, load_task_data, recipe_of, recorded_runs, results_table,
+                                       run_key, run_summary, save_runs, seeds_for, select_recipe, write_results)
 
 
 @dataclass
@@ -58,6 +58,10 @@ class Config:
                                    # than 3: the sparse models gain more from it (docs/ladder.md, rows R-T)
     lr: str = "1.5e-3,3e-3"        # a number, or a comma-separated grid searched on dev (90%-sparse
                                    # models want a higher rate than dense ones: docs/ladder.md)
+    lr_fallback: str = "5e-4,2e-4"  # tried in turn, for any model, where every rate of --lr ends at the
+                                   # floor on dev (a task the grid was not chosen on: "" = never)
+    shared_recipe: bool = True     # the --seeded sparse models also run every seed at their dense
+                                   # counterpart's recipe: recovery without a recipe of their own
     distill_hardness: str = "0"    # sparse models: weight of the soft loss from the dense teacher (1 = soft
                                    # only, 0 = none); a grid (0,1) is searched on dev too. Off by default:
                                    # at 5 epochs it no longer pays (docs/ladder.md, row U), and costs 12 runs
@@ -68,7 +72,8 @@ class Config:
     dropout: float = 0.1           # BERT's fine-tuning dropout
     max_len: int = 128             # word pieces per example (longer ones are truncated)
     max_train: int = 2000          # training examples per task (0 = all)
-    max_eval: int = 1000           # dev and test examples per task (0 = all)
+    max_eval: int = 1000           # dev examples per task (0 = all): dev is scored after every epoch
+    max_test: int = 0              # test examples per task (0 = all: the narrowest interval on recovery)
     prune_during_finetune: float = 0.0  # ablation: prune dense models with GMP to this sparsity while fine-tuning
     device: str = "auto"           # auto (cuda, then mps, then cpu) | cpu | cuda | cuda:N | mps
     compile: bool = False         # torch.compile the model (worth it on a GPU)
@@ -81,18 +86,21 @@ BOOKKEEPING = ("out", "device", "compile", "precision", "overwrite")  # what may
 
 PRESETS = {
     "default": {},
-    "tiny": dict(epochs="1", seeds=2, batch_size=8, max_train=64, max_eval=32, max_len=64),
+    "tiny": dict(epochs="1", seeds=2, batch_size=8, max_train=64, max_eval=32, max_test=32, max_len=64,
+                 lr_fallback=""),  # tiny models learn little: no fallback, so tests know the runs
     "gpu": dict(max_train=0, max_eval=0, epochs="3"),
 }
 
 preset, cfg = parse_config(Config, PRESETS, __doc__.splitlines()[0])
 check_options(cfg, positive=("seeds", "other_seeds", "search_seeds", "batch_size", "max_len",
                              "distill_temperature"),
-              non_negative=("max_train", "max_eval", "weight_decay"), fraction=("warmup",),
+              non_negative=("max_train", "max_eval", "max_test", "weight_decay"), fraction=("warmup",),
               below_one=("dropout", "prune_during_finetune"), at_least=(("max_len", 3),))
 
 
 recipes = [(epochs, lr) for epochs in grid("epochs", cfg.epochs) for lr in grid("lr", cfg.lr)]
+fallback = [(epochs, lr) for epochs in grid("epochs", cfg.epochs) for lr in
+            (grid("lr-fallback", cfg.lr_fallback) if cfg.lr_fallback else [])]
 hardness_grid = grid("distill-hardness", cfg.distill_hardness)
 distilling = any(h > 0 for h in hardness_grid)
 model_dirs = [m for m in cfg.models.split(",") if m]
@@ -120,7 +128,7 @@ if finished:
 t_start = time.time()
 
 # %% 2) data: each task's splits, read and checked once (encoded per tokenizer in 5)
-splits, labels = load_task_data(tasks, cfg.data, cfg.max_train, cfg.max_eval)
+splits, labels = load_task_data(tasks, cfg.data, cfg.max_train, cfg.max_eval, cfg.max_test)
 
 # %% 3) models: the pretrained checkpoints, and a random initialisation of the same size
 encoders = [load_encoder(d) for d in model_dirs]  # (name, BertForMaskedLM, is_sparse, tokenizer)
@@ -188,8 +196,10 @@ def finetune_run(task, mlm, sparse, encoded, epochs, lr, seed, teacher=None, har
     model.load_state_dict(best["state"])
     if sparse:  # exactly the pretrained zeros, no more, no fewer
         assert all(torch.equal(w != 0, pruner.masks[n]) for n, w in pruner.params.items()), "mask changed"
-    test = evaluate(model, task, encoded["test"], names, device, bf16, best["threshold"])
-    run.update(dev=best["dev"], dev_curve=best["dev_curve"], test=test[task.metric], test_metrics=test)
+    test, counts = evaluate(model, task, encoded["test"], names, device, bf16, best["threshold"], counts=True)
+    run.update(dev=best["dev"], dev_curve=best["dev_curve"], test=test[task.metric], test_metrics=test,
+               at_floor=best["dev"] <= floors[task.name]["dev"] + FLOOR_MARGIN,  # learned nothing on dev
+               test_counts=counts.tolist())  # per test example: what the bootstrap resamples
     if pruner and not pruner.frozen:
         run["pruned_in_finetune"] = pruner.sparsity()
     return run, best["state"]
@@ -200,6 +210,7 @@ def finetune_run(task, mlm, sparse, encoded, epochs, lr, seed, teacher=None, har
 names_in_run = [name for name, *_ in encoders]
 results = {name: {} for name in names_in_run}  # name -> task -> {"recipe": (epochs, lr, hardness), "runs": [...]}
 info, teachers = {}, {}  # teachers[(dense model, task)] = its fine-tuned weights (or their file) per seed
+floors = {}  # task -> {"dev": score, "test": score} of predicting the commonest training label
 encodings = {}  # encoded once per tokenizer and task (the checkpoints of one run share a tokenizer)
 
 
@@ -217,6 +228,8 @@ def finetune_model(name, mlm, sparse, tokenizer):
         if key not in encodings:
             encodings[key] = {s: encode(task, ex, tokenizer, labels[task.name], cfg.max_len)
                               for s, ex in splits[task.name].items()}
+            floors.setdefault(task.name, {s: floor_score(task, encodings[key]["train"], encodings[key][s],
+                                                         labels[task.name]) for s in ("dev", "test")})
         runs, states = [], {}
 
         def run_seed(recipe, seed):
@@ -253,11 +266,24 @@ def finetune_model(name, mlm, sparse, tokenizer):
             for seed in search:
                 run_seed(recipe, seed)
         recipe = select_recipe(runs, model_recipes)  # best mean dev score; then the other seeds at that recipe
+        for epochs, lr in fallback:  # every rate at its floor on dev: lower rates, the same rule for every model
+            if recipe and not all(r.get("at_floor") for r in runs if recipe_of(r) == recipe):
+                break
+            print(f"note: {name} / {task.name}: no rate of --lr learned on dev; trying lr {lr:g}")
+            for seed in search:
+                run_seed((epochs, lr, 0.0), seed)
+            recipe = select_recipe(runs, model_recipes + [(epochs, lr, 0.0)])
         for seed in range(len(search), seeds_of(name)) if recipe else []:
             run_seed(recipe, seed)
         for run in runs:
             run["selected"] = recipe_of(run) == recipe
         results[name][task.name] = {"recipe": recipe, "runs": runs}
+        dense_recipe = results.get(teacher_name or dense_counterpart(name), {}).get(task.name, {}).get("recipe")
+        if cfg.shared_recipe and sparse and seeds_of(name) == cfg.seeds and dense_recipe and dense_recipe != recipe:
+            for seed in range(seeds_of(name)):  # recovery at one shared recipe: the dense model's
+                if not any(recipe_of(r) == tuple(dense_recipe) and r["seed"] == seed for r in runs):
+                    run_seed(tuple(dense_recipe), seed)
+                    runs[-1]["selected"] = False
         if is_teacher and recipe:
             teachers[(name, task.name)] = [states[(*recipe[:2], seed)] for seed in range(seeds_of(name))]
     if sparse:
@@ -277,11 +303,23 @@ except (KeyboardInterrupt, SystemExit) as e:  # train() exits with 130 after Ctr
           f"to continue (--overwrite starts over)")
     raise SystemExit(130) from None
 
-# %% 6) the comparison table: a row per model, a column per task, the average and the recovery
-table, chosen = results_table(results, info, tasks, seeds_of)
+# %% 6) the comparison table, and recovery with a 95% interval (bootstrap over test examples and seeds)
+table, chosen = results_table(results, info, tasks, seeds_of, floors)
+intervals, texts = {}, []
+for sparse_name in [n for n in results if dense_counterpart(n) in results]:
+    dense_name = dense_counterpart(sparse_name)
+    shared = {sparse_name: {t: r["recipe"] for t, r in results[dense_name].items()}}  # the dense model's recipes
+    for how, recipes_used in (("its own dev-selected recipe", None), ("the dense model's recipe", shared)):
+        if recipes_used and not (cfg.shared_recipe and seeds_of(sparse_name) == cfg.seeds):
+            continue
+        boot = bootstrap(results, tasks, sparse_name, dense_name, recipes_used, floors={t: f["test"] for t, f in
+                                                                                           floors.items()})
+        intervals.setdefault(sparse_name, {})[how] = boot
+        texts.append(f"{sparse_name} at {how}, test scores x100:\n\n{intervals_table((sparse_name, dense_name), boot)}")
 print(f"\n{table}\n\nrecipes selected on dev (grid: epochs {cfg.epochs}, lr {cfg.lr}, distillation hardness "
       f"{cfg.distill_hardness} for sparse models with their dense counterpart in --models):\n{chosen}")
+print("\n" + "\n\n".join(texts))
 if rank == 0:
-    write_results(cfg.out, asdict(cfg), table, chosen, info, results)
+    write_results(cfg.out, asdict(cfg), table, chosen, info, results, floors, intervals, "\n\n".join(texts))
     print(f"\n{(time.time() - t_start) / 60:.1f} min; wrote {cfg.out}/results.md and results.json")
     print(f"figures: python -m tiny_sparse_bert.plots {os.path.dirname(os.path.normpath(cfg.out)) or '.'}")

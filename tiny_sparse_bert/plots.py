@@ -151,18 +151,28 @@ def plot_finetune(out, path):
     models = sorted(scores, key=lambda m: (m == "random-init", *pair(m)))
     fig, ax = plt.subplots(figsize=WIDTH)
     width = 0.8 / len(models)
+    mean = lambda xs: 100 * np.mean(xs) if xs else 0.0  # a task whose runs all failed: no bar
     for i, model in enumerate(models):
-        means = [100 * np.mean(scores[model][t]) for t in tasks]
+        means = [mean(scores[model][t]) for t in tasks]
         stds = [100 * np.std(scores[model][t], ddof=1) if len(scores[model][t]) > 1 else 0 for t in tasks]
         x = np.arange(len(tasks)) + (i - (len(models) - 1) / 2) * width
-        n = len(scores[model][tasks[0]])
+        n = max(len(scores[model][t]) for t in tasks)
         ax.bar(x, means, width, yerr=stds, capsize=2, label=f"{model} ({n} seed{'s' if n > 1 else ''})")
         dense = dense_counterpart(model)
-        if dense in scores:
-            for xi, t, m in zip(x, tasks, means):
-                ax.text(xi, m + 1, f"{m / (100 * np.mean(scores[dense][t])):.0%}", ha="center", fontsize=6)
+        # recovery on each sparse bar, with its 95% interval (finetune.py's bootstrap) where there is one
+        boot = ((results.get("intervals") or {}).get(model) or {}).get("its own dev-selected recipe", {})
+        for xi, t, m in zip(x, tasks, means):
+            row = boot.get("tasks", {}).get(t)
+            if row and row["recovery"] is None:  # the dense model learned nothing: no recovery to give
+                ax.text(xi, m + 1, "dense at\nfloor", ha="center", fontsize=5)
+            elif row:
+                lo, hi = row["recovery_ci"]
+                ax.text(xi, m + 1, f"{row['recovery']:.0%}\n[{lo:.0%},\n{hi:.0%}]", ha="center", fontsize=5)
+            elif dense in scores and mean(scores[dense][t]):
+                ax.text(xi, m + 1, f"{m / mean(scores[dense][t]):.0%}", ha="center", fontsize=6)
     ax.set_xticks(range(len(tasks)), tasks)
-    ax.set(ylabel="test score (x100)", title="Fine-tuning: mean ± std over seeds; % = recovery vs the dense model")
+    ax.set(ylabel="test score (x100)", title="Fine-tuning: mean ± std over seeds; % = recovery vs the dense model\n"
+           "[95% interval: bootstrap over test examples and seeds]")
     ax.legend(fontsize=7)
     return save(fig, out, os.path.basename(os.path.dirname(os.path.abspath(path))) + ".png")
 

@@ -337,6 +337,41 @@ def multilabel_f1(gold, pred):
             "exact_match": float(np.mean(np.all(gold == pred, axis=1)))}
 
 
+def example_counts(task, gold, pred, n_labels):
+    """Per test example, the counts its task's headline metric is a function of (an (n, k) array):
+    summed over any resample of the examples, `metric_from_counts` gives the metric of that
+    resample, which is what a bootstrap over test examples needs (entity F1 and macro F1 are not
+    means of per-example scores). gold / pred: tag sequences (NER), label ids (cls), 0/1 rows (multi)."""
+    if task.metric == "f1":  # entity F1: (true positives, predicted, gold) entities per sentence
+        rows = []
+        for g, p in zip(gold, pred):
+            g, p = entity_spans(g), entity_spans(p)
+            rows.append((len(g & p), len(p), len(g)))
+        return np.array(rows, dtype=np.int64).reshape(-1, 3)
+    if task.kind == "multi":  # micro F1 over (example, label) decisions
+        gold, pred = np.asarray(gold, dtype=bool), np.asarray(pred, dtype=bool)
+        return np.stack([(gold & pred).sum(1), pred.sum(1), gold.sum(1)], 1).astype(np.int64)
+    gold, pred = np.asarray(gold), np.asarray(pred)
+    if task.metric == "macro_f1":  # per label: (true positives, predicted, gold)
+        k = np.arange(n_labels)
+        return np.concatenate([(gold[:, None] == k) & (pred[:, None] == k), pred[:, None] == k,
+                               gold[:, None] == k], 1).astype(np.int64)
+    return np.stack([gold == pred, np.ones(len(gold), bool)], 1).astype(np.int64)  # accuracy: (right, 1)
+
+
+def metric_from_counts(task, counts):
+    """The headline metric from summed `example_counts` (the last axis), for one or many resamples."""
+    counts = np.asarray(counts, dtype=np.float64)
+    if task.metric == "f1" or task.kind == "multi":
+        tp, n_pred, n_gold = counts[..., 0], counts[..., 1], counts[..., 2]
+        return np.divide(2 * tp, n_pred + n_gold, out=np.zeros_like(tp), where=n_pred + n_gold > 0)
+    if task.metric == "macro_f1":
+        tp, n_pred, n_gold = np.split(counts, 3, axis=-1)
+        f1 = np.divide(2 * tp, n_pred + n_gold, out=np.zeros_like(tp), where=n_pred + n_gold > 0)
+        return f1.mean(-1)
+    return np.divide(counts[..., 0], counts[..., 1], out=np.zeros_like(counts[..., 0]), where=counts[..., 1] > 0)
+
+
 def best_threshold(gold, probs, thresholds=tuple(i / 20 for i in range(1, 20))):
     """The probability threshold (0.05 ... 0.95) with the best micro F1 of a multi-label task.
 

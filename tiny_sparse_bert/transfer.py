@@ -24,7 +24,8 @@ import torch
 from .config import dense_counterpart, load_run
 from .pruning import prunable_parameters
 from .model import BertConfig, BertForMaskedLM, BertForSequenceClassification, BertForTokenClassification
-from .tasks import best_threshold, collate, entity_f1, f1_scores, label_list, load_splits, multilabel_f1
+from .tasks import (best_threshold, collate, entity_f1, example_counts, f1_scores, label_list, load_splits,
+                    metric_from_counts, multilabel_f1)
 from .train import autocast, to_device
 
 
@@ -41,9 +42,9 @@ def grid(option, text):
     return values
 
 
-def load_task_data(tasks, data_dir, max_train, max_eval):
+def load_task_data(tasks, data_dir, max_train, max_eval, max_test=0):
     """(splits, labels): each task's train/dev/test examples, read and checked once, each split cut
-    to a seeded sample of at most max_train / max_eval examples (0 = all), and its label names."""
+    to a seeded sample of at most max_train / max_eval / max_test examples (0 = all), and its labels."""
     splits, labels = {}, {}
     for task in tasks:
         try:
@@ -51,7 +52,7 @@ def load_task_data(tasks, data_dir, max_train, max_eval):
         except ValueError as e:  # a malformed line: the reader's message names the file, line and format
             raise SystemExit(f"error: {e}")
         labels[task.name] = label_list(task, splits[task.name])
-        for split, limit in (("train", max_train), ("dev", max_eval), ("test", max_eval)):
+        for split, limit in (("train", max_train), ("dev", max_eval), ("test", max_test)):
             if limit:  # a seeded sample, not the first lines (files are often sorted by document)
                 examples = splits[task.name][split]
                 keep = np.random.default_rng(0).permutation(len(examples))[:limit]
@@ -106,8 +107,9 @@ def head_model(task, mlm, n_labels, dropout, state=None):
 
 
 @torch.no_grad()
-def evaluate(model, task, items, names, device, bf16=False, threshold=None):
-    """The task's metrics on encoded examples (batched by length, so little padding).
+def evaluate(model, task, items, names, device, bf16=False, threshold=None, counts=False):
+    """The task's metrics on encoded examples (batched by length, so little padding); with `counts`,
+    also each example's `tasks.example_counts`, which the bootstrap over test examples resamples.
 
     A multi-label task predicts the labels whose probability exceeds `threshold`; None tunes it on
     these items (do that on dev only) and reports it with the metrics.
@@ -129,12 +131,31 @@ def evaluate(model, task, items, names, device, bf16=False, threshold=None):
         gold = [[names[l] for l in it["word_labels"]] for it in items]
         pred = [[names[int(p[pos])] for pos in it["first"]] + ["O"] * (len(it["word_labels"]) - len(it["first"]))
                 for it, p in zip(items, preds)]
-        return entity_f1(gold, pred)
-    if task.kind == "multi":
+        metrics = entity_f1(gold, pred)
+    elif task.kind == "multi":
         gold, probs = np.array([it["y"] for it in items]), torch.stack(preds).numpy()
         threshold = best_threshold(gold, probs) if threshold is None else threshold
-        return {**multilabel_f1(gold, probs > threshold), "threshold": threshold}
-    return f1_scores([it["y"] for it in items], [int(p) for p in preds], len(names))
+        pred = probs > threshold
+        metrics = {**multilabel_f1(gold, pred), "threshold": threshold}
+    else:
+        gold, pred = [it["y"] for it in items], [int(p) for p in preds]
+        metrics = f1_scores(gold, pred, len(names))
+    return (metrics, example_counts(task, gold, pred, len(names))) if counts else metrics
+
+
+def floor_score(task, train_items, items, names):
+    """The score of a model that ignores its input and predicts the commonest training label: the
+    majority class (classification), every word O (NER: entity F1 0), each label's majority
+    (multi-label). A fine-tuned model is worth something only above it, as an MLM is above the
+    unigram floor."""
+    if task.kind == "ner":
+        return 0.0
+    if task.kind == "multi":
+        majority = np.mean([it["y"] for it in train_items], axis=0) > 0.5
+        gold = np.array([it["y"] for it in items])
+        return float(multilabel_f1(gold, np.tile(majority, (len(items), 1)))["micro_f1"])
+    commonest = np.bincount([it["y"] for it in train_items]).argmax()
+    return float(f1_scores([it["y"] for it in items], [commonest] * len(items), len(names))[task.metric])
 
 
 def run_summary(name, task, run):
@@ -161,12 +182,18 @@ def recipe_of(run):
     return run["epochs"], run["lr"], run["distill_hardness"]
 
 
+FLOOR_MARGIN = 0.01  # a score within a point of the floor is "at the floor": nothing learned
+
+
 def select_recipe(runs, recipes):
-    """The recipe with the best mean dev score over its finished runs (test is never looked at); a
-    failed run (non-finite loss) counts for nothing. None when every run failed."""
+    """The recipe with the best mean dev score over its finished runs (test is never looked at). A
+    failed run (non-finite loss) counts for nothing; a recipe whose runs all ended at the floor
+    (`at_floor`) is chosen only when no recipe learned. None when every run failed."""
     dev = {r: [x["dev"] for x in runs if recipe_of(x) == r and not x.get("failed")] for r in recipes}
     finished = [r for r in recipes if dev[r]]
-    return max(finished, key=lambda r: statistics.mean(dev[r])) if finished else None
+    learned = [r for r in finished if not all(x.get("at_floor") for x in runs
+                                              if recipe_of(x) == r and not x.get("failed"))]
+    return max(learned or finished, key=lambda r: statistics.mean(dev[r])) if finished else None
 
 
 def test_scores(runs):
@@ -178,10 +205,12 @@ def mean_std(xs):
     return statistics.mean(xs), (statistics.stdev(xs) if len(xs) > 1 else 0.0)
 
 
-def results_table(results, info, tasks, seeds_of):
+def results_table(results, info, tasks, seeds_of, floors=None):
     """(Markdown table, chosen recipes): a row per model, a column per task (mean ± std over seeds),
     the average over tasks and, for a sparse model, its recovery: its average / its dense counterpart's.
-    A cell whose runs failed (non-finite loss) says so; a row with one has no average."""
+    A cell whose runs failed (non-finite loss) says so; a row with one has no average. With `floors`
+    ({task: {"test": score}}) a last row gives each task's floor, a cell at it is marked, and a
+    recovery whose dense model sits at a floor is not computed."""
     def average(name):  # the mean over tasks of the mean over seeds; None if a task has no score
         means = [mean_std(s)[0] if s else None for s in (test_scores(results[name][t.name]["runs"]) for t in tasks)]
         return None if None in means else statistics.mean(means)
@@ -193,8 +222,14 @@ def results_table(results, info, tasks, seeds_of):
             return "failed (non-finite loss)"
         m, s = mean_std(scores)
         text = f"{100 * m:.1f} ± {100 * s:.1f}" if seeds_of(name) > 1 else f"{100 * m:.1f}"
+        if at_floor(name, task):
+            text += " (at the floor)"
         return text + (f" ({len(selected) - len(scores)} of {len(selected)} seeds failed)"
                        if len(scores) < len(selected) else "")
+
+    def at_floor(name, task):
+        scores = test_scores(results[name][task.name]["runs"])
+        return bool(floors and scores and mean_std(scores)[0] <= floors[task.name]["test"] + FLOOR_MARGIN)
 
     header = ["model", "sparsity", "non-zero encoder weights", "seeds"] + \
              [f"{t.name} ({t.metric})" for t in tasks] + ["average", "recovery vs dense"]
@@ -205,11 +240,16 @@ def results_table(results, info, tasks, seeds_of):
         if counterpart in results:
             dense = average(counterpart)
             recovery = f"{100 * mine / dense:.1f}%" if mine is not None and dense else "n/a"
+            stuck = [t.name for t in tasks if at_floor(counterpart, t)]
+            recovery = f"n/a: {counterpart} at the floor on {', '.join(stuck)}" if stuck else recovery
         sparsity = f"{info[name]['sparsity']:.0%}"
         if "pruned_in_finetune" in info[name]:  # the ablation: a dense model pruned by GMP while it fine-tunes
             sparsity += f" -> {info[name]['pruned_in_finetune']:.0%} while fine-tuning"
         rows.append([name, sparsity, f"{info[name]['nonzero']:,}", str(seeds_of(name))] +
                     [cell(name, t) for t in tasks] + ["" if mine is None else f"{100 * mine:.1f}", recovery])
+    if floors:  # what a model that ignores its input scores: the commonest label (all O for NER)
+        rows.append(["floor (commonest label)", "", "", ""] + [f"{100 * floors[t.name]['test']:.1f}" for t in tasks]
+                    + ["", ""])
     table = "\n".join("| " + " | ".join(r) + " |" for r in [header, ["---"] * len(header)] + rows)
 
     def recipe_text(name, recipe):
@@ -225,13 +265,85 @@ def results_table(results, info, tasks, seeds_of):
     return table, chosen
 
 
-def write_results(out, config, table, chosen, info, results):
-    """results.md (the table) and results.json (every run: recipe, seed, dev curve, dev and test),
-    each written to a temporary file and renamed."""
+def bootstrap(results, tasks, sparse, dense, recipes=None, n_resamples=1000, seed=0, floors=None):
+    """The gap (sparse - dense) and the recovery (sparse / dense) of one pair, per task and over the
+    tasks, each with a 95% interval from a paired bootstrap: every resample draws each task's test
+    examples with replacement, the same draw for both models, and each model's seeds with
+    replacement; a resample's score is its metric recomputed from the summed `example_counts`
+    (entity and macro F1 are not means of per-example scores). `recipes` {model: {task: recipe}}
+    picks the runs (default: each model's dev-selected ones). A task where the dense model sits at
+    its floor (`floors`) gets no recovery and stays out of the average."""
+    rng = np.random.default_rng(seed)
+    picked = lambda name, task: [r for r in results[name][task]["runs"] if not r.get("failed") and recipe_of(r) ==
+                                 tuple((recipes or {}).get(name, {}).get(task) or results[name][task]["recipe"])]
+    per_task, samples = {}, {}
+    for task in tasks:
+        runs = {name: picked(name, task.name) for name in (dense, sparse)}
+        if not all(runs.values()):
+            continue
+        n = len(runs[dense][0]["test_counts"])
+        weights = rng.multinomial(n, np.full(n, 1 / n), size=n_resamples).astype(np.float64)  # (B, n)
+        scores, points = {}, {}
+        for name, model_runs in runs.items():
+            counts = [np.asarray(r["test_counts"], dtype=np.float64) for r in model_runs]
+            by_seed = np.stack([metric_from_counts(task, weights @ c) for c in counts])  # (S, B)
+            pick = rng.integers(0, len(counts), (n_resamples, len(counts)))  # the seeds, resampled
+            scores[name] = by_seed[pick, np.arange(n_resamples)[:, None]].mean(1)  # (B,)
+            points[name] = float(np.mean([metric_from_counts(task, c.sum(0)) for c in counts]))
+        at_floor = floors is not None and points[dense] <= floors[task.name] + FLOOR_MARGIN
+        gap = scores[sparse] - scores[dense]
+        per_task[task.name] = {dense: points[dense], sparse: points[sparse], "gap": points[sparse] - points[dense],
+                               "gap_ci": percentiles(gap), "dense_at_floor": at_floor,
+                               "recovery": None if at_floor else points[sparse] / points[dense],
+                               "recovery_ci": None if at_floor else percentiles(scores[sparse] / scores[dense])}
+        if not at_floor:
+            samples[task.name] = scores
+    if not samples:
+        return {"tasks": per_task, "average": None}
+    mean = lambda name, key: np.mean([samples[t][name] if key == "b" else per_task[t][name] for t in samples], 0)
+    average = {dense: float(mean(dense, "p")), sparse: float(mean(sparse, "p")), "tasks": list(samples)}
+    average.update(gap=average[sparse] - average[dense], gap_ci=percentiles(mean(sparse, "b") - mean(dense, "b")),
+                   recovery=average[sparse] / average[dense],
+                   recovery_ci=percentiles(mean(sparse, "b") / mean(dense, "b")))
+    return {"tasks": per_task, "average": average}
+
+
+def percentiles(samples):
+    """The 95% interval of bootstrap samples: their 2.5th and 97.5th percentiles."""
+    return [float(x) for x in np.percentile(samples, [2.5, 97.5])]
+
+
+def intervals_table(pair, boot):
+    """Markdown: one row per task and the average: both models' scores, the gap and the recovery with
+    their 95% intervals (x100), and a sentence saying where the gap's interval excludes zero."""
+    sparse, dense = pair
+    rows = [f"| {sparse} vs {dense} | {dense} | {sparse} | gap [95% interval] | recovery [95% interval] |",
+            "| --- | --- | --- | --- | --- |"]
+    gap = lambda v, ci: f"{100 * v:+.1f} [{100 * ci[0]:+.1f}, {100 * ci[1]:+.1f}]"
+    recovery_text = lambda v, ci: f"{100 * v:.1f}% [{100 * ci[0]:.1f}, {100 * ci[1]:.1f}]"
+    for name, row in list(boot["tasks"].items()) + ([("average", boot["average"])] if boot["average"] else []):
+        recovery = ("n/a: the dense model is at its floor" if row.get("dense_at_floor") else
+                    recovery_text(row["recovery"], row["recovery_ci"]))
+        label = name if name != "average" else f"average over {', '.join(row['tasks'])}"
+        rows.append(f"| {label} | {100 * row[dense]:.1f} | {100 * row[sparse]:.1f} | "
+                    f"{gap(row['gap'], row['gap_ci'])} | {recovery} |")
+    below = [n for n, r in boot["tasks"].items() if r["gap_ci"][1] < 0]
+    above = [n for n, r in boot["tasks"].items() if r["gap_ci"][0] > 0]
+    level = [n for n in boot["tasks"] if n not in below + above]
+    said = ([f"{sparse} is below {dense} on {', '.join(below)} (the gap's interval excludes zero)"] if below
+            else []) + ([f"above it on {', '.join(above)}"] if above else []) + \
+           ([f"level within noise on {', '.join(level)} (the interval holds zero)"] if level else [])
+    return "\n".join(rows) + "\n\n" + "; ".join(said) + "."
+
+
+def write_results(out, config, table, chosen, info, results, floors=None, intervals=None, intervals_text=""):
+    """results.md (the tables) and results.json (every run: recipe, seed, dev curve, dev and test, the
+    floors, the bootstrap intervals), each written to a temporary file and renamed."""
     os.makedirs(out, exist_ok=True)
     md = (f"Test scores (x100), mean ± std over the seeds at each model's dev-selected recipe; "
-          f"`python finetune.py` with {config}\n\n{table}\n\nRecipes selected on dev:\n{chosen}\n")
-    js = json.dumps({"config": config, "models": info,
+          f"`python finetune.py` with {config}\n\n{table}\n\nRecipes selected on dev:\n{chosen}\n"
+          + (f"\n{intervals_text}\n" if intervals_text else ""))
+    js = json.dumps({"config": config, "models": info, "floors": floors, "intervals": intervals,
                      "scores": {n: {t: test_scores(r["runs"]) for t, r in rs.items()} for n, rs in results.items()},
                      "recipes": {n: {t: r["recipe"] for t, r in rs.items()} for n, rs in results.items()},
                      "runs": {n: {t: r["runs"] for t, r in rs.items()} for n, rs in results.items()}}, indent=1)
