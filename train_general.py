@@ -26,7 +26,7 @@ import torch
 from tiny_sparse_bert.config import check_options, claim_run_dir, note_gpu_preset, parse_config, save_run_files
 from tiny_sparse_bert.data import Blocks, corpus_files, documents, file_sha256, load_tokenizer, train_tokenizer
 from tiny_sparse_bert.model import BertConfig, BertForMaskedLM, count_parameters
-from tiny_sparse_bert.pruning import MagnitudePruner
+from tiny_sparse_bert.pruning import SCORES, MagnitudePruner, parse_pattern
 from tiny_sparse_bert.train import (Checkpoints, Distillation, Reporting, Runtime, barrier, held_out_line,
                                     make_optimizer, mlm_batch, mlm_corpora, resume, setup_distributed,
                                     precision_name, static_predictions, train, use_bf16, wrap_ddp)
@@ -62,7 +62,9 @@ class Config:
     prune_begin: float = 0.0       # fraction of phase 2 where pruning starts ...
     prune_end: float = 0.7         # ... and where it reaches final_sparsity (the rest recovers)
     prune_every: int = 50          # steps between mask updates
-    global_pruning: bool = False   # one magnitude threshold across all layers instead of per tensor
+    global_pruning: bool = False   # one threshold across all layers instead of per tensor
+    prune_score: str = "magnitude"  # magnitude (the paper's) | random | movement (pruning.py: the pruning lab)
+    prune_pattern: str = "unstructured"  # unstructured | RxC blocks, e.g. 4x4 | neurons (whole neurons)
     distill: float = 0.0           # weight of the KL to the dense model during pruning (0 = off)
     distill_temperature: float = 2.0
     # bookkeeping
@@ -84,6 +86,7 @@ class Config:
 BOOKKEEPING = ("out", "eval_batches", "eval_every", "log_every", "ckpt_every", "device", "compile", "static_mlm",
                "precision", "resume", "overwrite")
 PHASE2 = ("prune_steps", "prune_lr", "final_sparsity", "prune_begin", "prune_end", "prune_every", "global_pruning",
+          "prune_score", "prune_pattern",
           "distill", "distill_temperature")
 
 PRESETS = {
@@ -109,6 +112,9 @@ check_options(cfg, positive=("vocab_size", "n_layer", "hidden", "n_head", "inter
 if cfg.hidden % cfg.n_head:
     raise SystemExit(f"error: --hidden {cfg.hidden} is not divisible by --n-head {cfg.n_head} (each head gets "
                      f"hidden / n_head dimensions)")
+if cfg.prune_score not in SCORES:
+    raise SystemExit(f"error: --prune-score {cfg.prune_score!r}: use {', '.join(SCORES)}")
+parse_pattern(cfg.prune_pattern)  # unstructured, neurons or RxC
 if cfg.prune_begin >= cfg.prune_end:
     raise SystemExit(f"error: --prune-begin {cfg.prune_begin} must be below --prune-end {cfg.prune_end}")
 torch.manual_seed(cfg.seed)
@@ -207,10 +213,11 @@ if cfg.distill > 0:  # the dense model, frozen, as a teacher for the soft target
     teacher.load_state_dict(model.state_dict())
     teacher.requires_grad_(False)
 begin, end = int(cfg.prune_begin * cfg.prune_steps), int(cfg.prune_end * cfg.prune_steps)
-pruner = MagnitudePruner(model, cfg.final_sparsity, begin, end, cfg.prune_every, global_=cfg.global_pruning)
+pruner = MagnitudePruner(model, cfg.final_sparsity, begin, end, cfg.prune_every, global_=cfg.global_pruning,
+                         score=cfg.prune_score, pattern=cfg.prune_pattern)
 print(f"\nphase 2: GMP to {cfg.final_sparsity:.0%} sparsity, cubic schedule over steps {begin}-{end} of "
-      f"{cfg.prune_steps}, masks updated every {cfg.prune_every} steps, lr {cfg.prune_lr}"
-      + (f", distillation weight {cfg.distill}" if teacher else ""))
+      f"{cfg.prune_steps}, masks updated every {cfg.prune_every} steps, lr {cfg.prune_lr}; score {cfg.prune_score}, "
+      f"pattern {cfg.prune_pattern}" + (f", distillation weight {cfg.distill}" if teacher else ""))
 optimizer = make_optimizer(model, cfg.prune_lr, cfg.weight_decay)
 start = (resume(sparse_ckpt, model, optimizer, pruner, tokenizer_sha256=tokenizer_sha256)
          if resuming and os.path.exists(sparse_ckpt) else 0)

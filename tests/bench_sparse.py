@@ -1,12 +1,15 @@
-"""Benchmark: encoder forward latency, dense (masked) weights vs `convert_to_sparse` CSR weights.
+"""Benchmark: encoder forward latency, dense (masked) weights vs `convert_to_sparse`.
 
-    python tests/bench_sparse.py [--rounds 5] [--sizes default,base] [--sparsities 0.8,0.9,0.95] [--json PATH]
+    python tests/bench_sparse.py [--rounds 5] [--sizes default,base] [--sparsities 0.8,0.9,0.95]
+                                 [--patterns unstructured,4x4,16x16,neurons] [--json PATH]
 
 For each size (our default L4 H256 I1024, and a BERT-base-sized stack H768 I3072 with 4 layers:
-the per-layer cost is what matters) and sparsity, the same pruned encoder runs dense and sparse,
-alternately, round by round in one process; the table gives the median latency of each and
-the speedup. Also prints the compressed size of the prunable weights. `--json out/bench_sparse.json`
-also writes the rows for `python -m tiny_sparse_bert.plots out/`.
+the per-layer cost is what matters), pruning pattern and sparsity, the same pruned encoder runs
+dense and converted (CSR for unstructured zeros, BSR for blocks, smaller dense feed-forwards for
+whole neurons: what `convert_to_sparse` finds), alternately, round by round in one process; the
+table gives the median latency of each and the speedup. Also prints the compressed size of the
+prunable weights. `--json out/bench_sparse.json` also writes the rows for `python -m
+tiny_sparse_bert.plots out/`.
 """
 import argparse
 import copy
@@ -42,33 +45,35 @@ def main():
     parser.add_argument("--sizes", default="default,base")
     parser.add_argument("--sparsities", default="0.8,0.9,0.95")
     parser.add_argument("--batches", default="1,32")
+    parser.add_argument("--patterns", default="unstructured", help="pruning patterns (pruning.py), comma-separated")
     parser.add_argument("--seq-len", type=int, default=128)
     parser.add_argument("--json", default="", help="also write the rows to this JSON file")
     args = parser.parse_args()
     rows = []
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; median of {args.rounds} rounds, "
           f"dense and sparse alternated; sequence length {args.seq_len}")
-    print("| size | sparsity | batch | dense ms | sparse ms | speedup | prunable MB dense -> compressed |")
-    print("|---|---|---|---|---|---|---|")
-    for size in args.sizes.split(","):
-        for sparsity in map(float, args.sparsities.split(",")):
-            torch.manual_seed(0)
-            dense = BertModel(BertConfig(vocab_size=8192, dropout=0.0, **SIZES[size])).eval()
-            pruner = MagnitudePruner(dense, sparsity, 0, 0, 1)
-            pruner.update(0)
-            sparse = copy.deepcopy(dense)
-            convert_to_sparse(sparse)
-            d_bytes, c_bytes = prunable_bytes(dense)
-            for batch in map(int, args.batches.split(",")):
-                x = torch.randint(5, 8192, (batch, args.seq_len))
-                t_dense, t_sparse = [], []
-                for _ in range(args.rounds):  # alternate, so drifts in machine load hit both
-                    t_dense += latency(dense, x, 1)
-                    t_sparse += latency(sparse, x, 1)
-                d, s = statistics.median(t_dense) * 1000, statistics.median(t_sparse) * 1000
-                print(f"| {size} | {sparsity:.0%} | {batch} | {d:.1f} | {s:.1f} | {d / s:.2f}x | "
-                      f"{d_bytes / 1e6:.1f} -> {c_bytes / 1e6:.1f} ({d_bytes / c_bytes:.1f}x) |", flush=True)
-                rows.append(dict(size=size, sparsity=sparsity, batch=batch, dense_ms=d, sparse_ms=s))
+    print("| size | pattern | sparsity | batch | dense ms | sparse ms | speedup | converted | "
+          "prunable MB dense -> compressed |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for size, pattern, sparsity in [(size, pattern, float(s)) for size in args.sizes.split(",")
+                                    for pattern in args.patterns.split(",") for s in args.sparsities.split(",")]:
+        torch.manual_seed(0)
+        dense = BertModel(BertConfig(vocab_size=8192, dropout=0.0, **SIZES[size])).eval()
+        pruner = MagnitudePruner(dense, sparsity, 0, 0, 1, pattern=pattern)
+        pruner.update(0)
+        sparse = copy.deepcopy(dense)
+        converted = ", ".join(f"{n} {kind}" for kind, n in convert_to_sparse(sparse).items() if n)
+        d_bytes, c_bytes = prunable_bytes(dense)
+        for batch in map(int, args.batches.split(",")):
+            x = torch.randint(5, 8192, (batch, args.seq_len))
+            t_dense, t_sparse = [], []
+            for _ in range(args.rounds):  # alternate, so drifts in machine load hit both
+                t_dense += latency(dense, x, 1)
+                t_sparse += latency(sparse, x, 1)
+            d, s = statistics.median(t_dense) * 1000, statistics.median(t_sparse) * 1000
+            print(f"| {size} | {pattern} | {sparsity:.0%} | {batch} | {d:.1f} | {s:.1f} | {d / s:.2f}x | "
+                  f"{converted} | {d_bytes / 1e6:.1f} -> {c_bytes / 1e6:.1f} ({d_bytes / c_bytes:.1f}x) |", flush=True)
+            rows.append(dict(size=size, pattern=pattern, sparsity=sparsity, batch=batch, dense_ms=d, sparse_ms=s))
     if args.json:
         with open(args.json, "w") as f:
             json.dump(rows, f, indent=1)

@@ -113,3 +113,109 @@ def test_sparsity_report():
     pruner.update(0)
     report = pruner.sparsity_report(model)
     assert "bert.layers.1.out.weight" in report and "50.0% of prunable" in report
+
+
+VARIANTS = [(score, pattern) for score in ("magnitude", "random", "movement")
+            for pattern in ("unstructured", "4x4", "neurons")]
+
+
+def exact_zeros(pruner, s):
+    """The zeros each tensor (unstructured, blocks) or pair of tensors (neurons) must have at sparsity s."""
+    if pruner.pattern == "neurons":  # per pair: round(s * units) whole rows / columns
+        from tiny_sparse_bert.pruning import neuron_groups
+        return all(int((~pruner.masks[name]).all(1 - axis).sum()) == round(s * pruner.params[name].shape[axis])
+                   for group in neuron_groups(pruner.params) for name, axis in group)
+    block = 1 if pruner.pattern == "unstructured" else 16
+    return all(int((p == 0).sum()) == round(s * p.numel() / block) * block for p in pruner.params.values())
+
+
+@pytest.mark.parametrize("score, pattern", VARIANTS)
+def test_every_score_and_pattern_reaches_the_schedule_and_never_revives_a_weight(score, pattern):
+    """Exact scheduled sparsity at every update; pruned weights stay zero under AdamW with weight decay,
+    whatever the score: here a random order changes at every update, and a movement score is pushed
+    towards the pruned weights by a loss that wants them large."""
+    torch.manual_seed(0)
+    model = BertForMaskedLM(CFG)
+    pruner = MagnitudePruner(model, 0.8, 0, 12, 3, score=score, pattern=pattern)
+    opt = make_optimizer(model, 1e-2, 0.1)
+    ids = torch.randint(5, 100, (4, 16))
+    previous = {n: m.clone() for n, m in pruner.masks.items()}
+    for step in range(16):
+        if pruner.update(step):
+            assert exact_zeros(pruner, pruner.current_target), step
+        for n, m in pruner.masks.items():
+            assert not (m & ~previous[n]).any(), f"a pruned weight came back at step {step}"
+            previous[n] = m.clone()
+        _, loss = model(ids, labels=ids)
+        # a term that pulls every pruned weight away from zero: its gradient favours reviving them
+        loss = loss - sum((p * (~pruner.masks[n])).abs().sum() + (p.detach() * ~pruner.masks[n]).sum() * p.sum()
+                          for n, p in pruner.params.items()) * 1e-3
+        loss.backward()
+        pruner.accumulate()
+        opt.step()
+        opt.zero_grad()
+        pruner.apply()
+        assert all((p[~pruner.masks[n]] == 0).all() for n, p in pruner.params.items())
+    assert exact_zeros(pruner, 0.8)
+
+
+def test_block_masks_are_whole_blocks_and_neuron_masks_whole_neurons():
+    torch.manual_seed(0)
+    model = BertForMaskedLM(CFG)
+    MagnitudePruner(model, 0.75, 0, 0, 1, pattern="4x4").update(0)
+    for p in prunable_parameters(model).values():
+        blocks = (p != 0).reshape(p.shape[0] // 4, 4, p.shape[1] // 4, 4)
+        assert (blocks.all(3).all(1) | ~blocks.any(3).any(1)).all()  # each block all kept or all pruned
+    model = BertForMaskedLM(CFG)
+    MagnitudePruner(model, 0.75, 0, 0, 1, pattern="neurons").update(0)
+    for layer in model.bert.layers:
+        dead = (layer.out.weight == 0).all(0)  # neuron i: column i of out ...
+        assert dead.float().mean() == 0.75 and ((layer.inter.weight == 0).all(1) == dead).all()  # ... row i of inter
+        assert ((layer.query.weight == 0).all(1) == (layer.key.weight == 0).all(1)).all()
+
+
+def test_movement_scores_prune_the_weights_training_pulls_to_zero():
+    """-w * grad summed: a weight whose gradient shrinks it (w and grad of one sign) scores low."""
+    torch.manual_seed(0)
+    model = BertForMaskedLM(CFG)
+    pruner = MagnitudePruner(model, 0.5, 0, 1, 1, score="movement")
+    for n, p in pruner.params.items():
+        p.grad = p.detach().sign() * (torch.arange(p.numel()).view_as(p) % 2 * 2 - 1).float()  # shrink odd ones
+    pruner.accumulate()
+    pruner.update(1)
+    for n, p in pruner.params.items():
+        odd = (torch.arange(p.numel()).view_as(p) % 2 == 1)
+        assert (~pruner.masks[n] == odd).all()  # exactly the weights the gradient pulled towards zero
+
+
+def test_a_frozen_block_mask_keeps_its_blocks_through_training(tmp_path):
+    torch.manual_seed(0)
+    model = BertForSequenceClassification(CFG, 3)
+    MagnitudePruner(model, 0.9, 0, 0, 1, pattern="4x4").update(0)
+    frozen = MagnitudePruner.from_sparse_model(model)
+    before = {n: p != 0 for n, p in frozen.params.items()}
+    opt = make_optimizer(model, 1e-2, 0.1)
+    ids = torch.randint(5, 100, (4, 16))
+    for _ in range(5):
+        _, loss = model(ids, labels=torch.tensor([0, 1, 2, 0]))
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        frozen.apply()
+    assert all(torch.equal(p != 0, before[n]) for n, p in frozen.params.items())
+
+
+def test_the_pruner_state_resumes_score_pattern_and_movement():
+    torch.manual_seed(0)
+    model = BertForMaskedLM(CFG)
+    pruner = MagnitudePruner(model, 0.5, 0, 4, 2, score="movement", pattern="neurons")
+    for p in pruner.params.values():
+        p.grad = torch.randn_like(p)
+    pruner.accumulate()
+    state = pruner.state_dict()
+    again = MagnitudePruner(model)
+    again.load_state_dict(state)
+    assert (again.score, again.pattern) == ("movement", "neurons")
+    assert all(torch.equal(again.movement[n], pruner.movement[n]) for n in pruner.movement)
+    with pytest.raises(SystemExit, match="--prune-pattern '3y3'"):
+        MagnitudePruner(model, pattern="3y3")

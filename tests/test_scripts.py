@@ -86,7 +86,10 @@ def test_finetune_tiny_table(bio, mirror_data):
     for name, tasks in results["runs"].items():
         for task, runs in tasks.items():
             search = [r for r in runs if r["seed"] == 0]
-            assert len(search) == 2 and len(runs) == len(search) + name.startswith("bio-")
+            shared = [r for r in runs if r["seed"] > 0 and not r["selected"]]  # --shared-recipe (on by default)
+            assert len(search) == 2 and len(runs) == len(search) + name.startswith("bio-") + len(shared)
+            assert all(name == "bio-sparse90" and recipe(r) == tuple(results["recipes"]["bio-dense"][task])
+                       for r in shared)
             assert all(r["distill_hardness"] == 0 and not r["teacher"] for r in runs)
             best = max(search, key=lambda r: r["dev"])
             assert tuple(results["recipes"][name][task]) == recipe(best)
@@ -377,3 +380,28 @@ def test_one_line_errors_for_sizes_that_cannot_work(mirror_data, tmp_path):
     assert "--vocab-size asks for 3" in line and "delete" not in line
     line = run_failing(["finetune.py", "--preset", "tiny", "--models", "", "--out", str(tmp_path / "ft")])
     assert line.startswith("error: --models is empty")
+
+
+def test_finetune_floors_fallback_rates_and_intervals(bio, mirror_data, tmp_path):
+    """Every score stands next to its floor; where every rate of the grid ends at the floor on dev, the
+    fallback rates are tried, for every model alike; recovery comes with a 95% bootstrap interval."""
+    out, _ = bio
+    models = ",".join(str(out / n) for n in ("bio-dense", "bio-sparse90"))
+    log = run_script(["finetune.py", "--preset", "tiny", "--data", mirror_data, "--models", models,
+                      "--random-baseline", "false", "--tasks", "ncbi_disease,chemprot", "--lr-fallback", "1e-4",
+                      "--out", str(tmp_path)])
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert results["floors"]["ncbi_disease"] == {"dev": 0.0, "test": 0.0} and 0 < results["floors"]["chemprot"]["test"] < 1
+    for name, tasks in results["runs"].items():
+        for task, runs in tasks.items():
+            grid_runs = [r for r in runs if r["lr"] in (1.5e-3, 3e-3) and r["seed"] == 0]
+            fell_back = [r for r in runs if r["lr"] == 1e-4]
+            assert bool(fell_back) == all(r["at_floor"] for r in grid_runs), (name, task)
+            assert (f"note: {name} / {task}: no rate of --lr learned on dev; trying lr 0.0001" in log) == bool(fell_back)
+            assert all(r["at_floor"] == (r["dev"] <= results["floors"][task]["dev"] + 0.01) for r in runs)
+            assert all(len(r["test_counts"]) == 32 for r in runs)  # --max-test 32 in the tiny preset
+    boot = results["intervals"]["bio-sparse90"]["its own dev-selected recipe"]
+    for task, row in boot["tasks"].items():
+        assert row["gap_ci"][0] <= row["gap"] <= row["gap_ci"][1]
+    assert "| floor (commonest label) |  |  |  | 0.0 |" in (tmp_path / "results.md").read_text()
+    assert "bio-sparse90 at its own dev-selected recipe, test scores x100:" in log

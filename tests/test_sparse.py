@@ -61,7 +61,7 @@ def test_sparse_path_gives_the_same_outputs():
     for model in (mlm, classifier):
         with torch.no_grad():
             expected, _ = model(ids, mask)
-            assert convert_to_sparse(model) == 6 * CFG.n_layer
+            assert convert_to_sparse(model) == {"compacted": 0, "bsr": 0, "csr": 6 * CFG.n_layer}
             assert isinstance(model.bert.layers[1].inter, SparseLinear)
             got, _ = model(ids, mask)
         assert (got - expected).abs().max() <= 1e-4
@@ -74,4 +74,27 @@ def test_sparse_path_gives_the_same_outputs():
 
 def test_dense_layers_stay_dense():
     model, _ = pruned(BertForMaskedLM(CFG), sparsity=0.5)
-    assert convert_to_sparse(model) == 0 and isinstance(model.bert.layers[0].query, torch.nn.Linear)
+    assert convert_to_sparse(model) == {"compacted": 0, "bsr": 0, "csr": 0}
+    assert isinstance(model.bert.layers[0].query, torch.nn.Linear)
+
+
+@pytest.mark.parametrize("pattern, expected", [("4x4", {"compacted": 0, "bsr": 12, "csr": 0}),
+                                               ("8x8", {"compacted": 0, "bsr": 12, "csr": 0}),
+                                               ("neurons", {"compacted": 2, "bsr": 0, "csr": 8})])
+def test_block_and_neuron_pruned_models_are_recognised_and_give_the_same_outputs(pattern, expected):
+    """convert_to_sparse finds the structure from the zeros alone: BSR for whole blocks, smaller dense
+    feed-forwards for whole neurons (attention's pruned dimensions stay CSR); outputs within 1e-4."""
+    torch.manual_seed(0)
+    model = BertForSequenceClassification(CFG, 5).eval()
+    MagnitudePruner(model, 0.9, 0, 0, 1, pattern=pattern).update(0)
+    ids = torch.randint(5, 200, (3, 20))
+    with torch.no_grad():
+        expected_out, _ = model(ids)
+        assert convert_to_sparse(model) == expected
+        got, _ = model(ids)
+    assert (got - expected_out).abs().max() <= 1e-4
+    if pattern == "neurons":
+        layer = model.bert.layers[0]
+        assert layer.inter.out_features == layer.out.in_features == round(0.1 * CFG.intermediate)
+    else:
+        assert model.bert.layers[0].query.block == int(pattern[0])

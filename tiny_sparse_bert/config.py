@@ -98,7 +98,7 @@ def check_resume_config(path, config, ignore, steps_field):
     new settings (a lower --lr after a NaN, say): the changes are printed, and saved from then on.
     """
     ckpt = load_checkpoint(path)
-    stored = ckpt.get("run_config", {})
+    stored = {**asdict(type(config)()), **ckpt.get("run_config", {})}  # an option added since: its default
     changed = {k: (stored.get(k), v) for k, v in asdict(config).items() if k not in ignore and stored.get(k) != v}
     if not changed:
         return

@@ -181,14 +181,14 @@ def plot_sparse_speed(out, path):
     with open(path) as f:
         rows = json.load(f)
     fig, ax = plt.subplots(figsize=WIDTH)
-    for size in sorted({r["size"] for r in rows}):
-        for sparsity in sorted({r["sparsity"] for r in rows if r["size"] == size}):
-            pts = sorted((r["batch"], r["dense_ms"] / r["sparse_ms"]) for r in rows
-                         if r["size"] == size and r["sparsity"] == sparsity)
-            ax.plot(*zip(*pts), "o-", label=f"{size}, {sparsity:.0%} sparse")
+    pattern = lambda r: r.get("pattern", "unstructured")  # rows written before patterns existed
+    for size, pat, sparsity in sorted({(r["size"], pattern(r), r["sparsity"]) for r in rows}):
+        pts = sorted((r["batch"], r["dense_ms"] / r["sparse_ms"]) for r in rows
+                     if (r["size"], pattern(r), r["sparsity"]) == (size, pat, sparsity))
+        ax.plot(*zip(*pts), "o-", label=f"{size}, {pat}, {sparsity:.0%} sparse")
     ax.axhline(1.0, color="black", ls=":", label="1x (no gain)")
     ax.set(xscale="log", xlabel="batch size (sequences of 128 tokens)", ylabel="speedup (dense ms / sparse ms)",
-           title="Sparse (CSR) against dense encoder inference on the CPU")
+           title="Pruned encoder (CSR, BSR or compacted) against dense inference on the CPU")
     ax.legend(fontsize=7)
     return save(fig, out, "sparse_speed.png")
 

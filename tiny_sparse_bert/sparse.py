@@ -7,8 +7,11 @@ A pruned weight in plain PyTorch is a dense tensor full of zeros: as large and a
   At 90% sparsity a weight costs 1 bit + 0.1 x 32 bits = 4.2 bits instead of 32 (7.6x smaller).
   A bitmask (1 bit per weight) is smaller than CSR's 16-bit column indices (16 bits per non-zero)
   up to 93.75% sparsity, and simpler to read.
-- `convert_to_sparse`: swaps every pruned Linear for `SparseLinear`, which multiplies with a
-  `torch.sparse_csr` weight (compressed sparse rows; MKL's sparse kernels on CPU).
+- `convert_to_sparse`: makes every pruned Linear cheaper in the way its zeros allow, found from the
+  zeros themselves: a feed-forward whose neurons were pruned whole becomes two smaller dense
+  Linears (`compact_feed_forward`: full dense speed); a weight whose zeros are whole b x b blocks
+  multiplies in block-sparse rows (BSR); any other pruned weight in compressed sparse rows (CSR;
+  MKL's sparse kernels on CPU).
 
     python -m tiny_sparse_bert.sparse out/bio-sparse90 --to out/bio-sparse90.sparse.pt
     python -m tiny_sparse_bert.sparse DIR --hf DIR-hf   # a transformers BERT (models without ALiBi)
@@ -78,14 +81,16 @@ def load_sparse(path, expected_config=None):
 
 
 class SparseLinear(nn.Module):
-    """y = x W^T + b with W in compressed-sparse-row form: work and memory scale with the non-zeros."""
+    """y = x W^T + b with W in compressed-sparse-row form (CSR), or block-sparse rows (BSR) when the
+    zeros are whole `block` x `block` blocks: work and memory scale with the non-zeros."""
 
-    def __init__(self, linear):
+    def __init__(self, linear, block=None):
         super().__init__()
-        self.in_features, self.out_features = linear.in_features, linear.out_features
-        with warnings.catch_warnings():  # torch calls its CSR support "beta"; it is what we measure
+        self.in_features, self.out_features, self.block = linear.in_features, linear.out_features, block
+        with warnings.catch_warnings():  # torch calls its CSR and BSR support "beta"; it is what we measure
             warnings.simplefilter("ignore", UserWarning)
-            self.weight = linear.weight.detach().to_sparse_csr()  # (out, in), CSR
+            w = linear.weight.detach()  # (out, in)
+            self.weight = w.to_sparse_bsr((block, block)) if block else w.to_sparse_csr()
         self.bias = linear.bias.detach().clone() if linear.bias is not None else torch.zeros(self.out_features)
 
     def forward(self, x):
@@ -95,24 +100,59 @@ class SparseLinear(nn.Module):
         return y.t().reshape(*shape[:-1], self.out_features)
 
 
+def block_size(weight, sizes=(16, 8, 4, 2)):
+    """The largest b such that every zero of `weight` lies in an all-zero b x b block (a block-pruned
+    weight, recognised from its zeros alone), or None."""
+    rows, cols = weight.shape
+    for b in sizes:
+        if rows % b == 0 and cols % b == 0:
+            zero_blocks = (weight.reshape(rows // b, b, cols // b, b) == 0).all(3).all(1)
+            if int(zero_blocks.sum()) * b * b == int((weight == 0).sum()) > 0:
+                return b
+    return None
+
+
+def compact_feed_forward(layer):
+    """A feed-forward whose neurons were pruned whole (the output weight's column is zero) loses them:
+    `inter` and `out` become smaller dense Linears with the same outputs. Returns the neurons kept."""
+    alive = (layer.out.weight != 0).any(0)  # (I,): neuron i reaches the output
+    kept = int(alive.sum())
+    inter, out = nn.Linear(layer.inter.in_features, kept), nn.Linear(kept, layer.out.out_features)
+    inter.weight.copy_(layer.inter.weight[alive])
+    inter.bias.copy_(layer.inter.bias[alive])
+    out.weight.copy_(layer.out.weight[:, alive])
+    out.bias.copy_(layer.out.bias)
+    layer.inter, layer.out = inter, out
+    return kept
+
+
 @torch.no_grad()
 def convert_to_sparse(model, min_sparsity=0.7):
-    """Swap, in place, each prunable Linear with at least `min_sparsity` zeros for a SparseLinear.
+    """Make, in place, each pruned part of the encoder cheaper; returns {"compacted", "bsr", "csr"} counts.
 
-    Below ~70% zeros a CSR product is slower than MKL's dense one, so those layers stay dense, as
-    do attention itself, embeddings, LayerNorms and heads. For inference only (no gradients).
+    A feed-forward with whole neurons pruned is compacted (two smaller dense Linears); then each
+    prunable Linear with at least `min_sparsity` zeros becomes a SparseLinear, BSR if its zeros
+    are whole blocks, else CSR. Below ~70% zeros a CSR product is slower than MKL's dense one, so
+    those layers stay dense, as do attention itself, embeddings, LayerNorms and heads. For
+    inference only (no gradients).
     """
     if next(model.parameters()).device.type == "mps":  # torch has no sparse CSR products on Apple's GPU
         raise ValueError("sparse CSR inference runs on the CPU (or CUDA), not on mps: call model.cpu() first")
-    converted = 0
+    done = {"compacted": 0, "bsr": 0, "csr": 0}
+    for layer in (model.bert if hasattr(model, "bert") else model).layers:  # a model with a head, or the encoder
+        dead = ~(layer.out.weight != 0).any(0)  # whole neurons pruned: the pattern "neurons"
+        if float(dead.float().mean()) >= min_sparsity:
+            compact_feed_forward(layer)
+            done["compacted"] += 1
     for name in list(prunable_parameters(model)):
         module_path = name.rsplit(".", 1)[0]  # "...layers.0.query.weight" -> "...layers.0.query"
         parent_path, attr = module_path.rsplit(".", 1)
         linear = model.get_submodule(module_path)
         if float((linear.weight == 0).float().mean()) >= min_sparsity:
-            setattr(model.get_submodule(parent_path), attr, SparseLinear(linear))
-            converted += 1
-    return converted
+            block = block_size(linear.weight)
+            setattr(model.get_submodule(parent_path), attr, SparseLinear(linear, block))
+            done["bsr" if block else "csr"] += 1
+    return done
 
 
 def main(argv=None):

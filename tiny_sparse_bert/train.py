@@ -518,7 +518,7 @@ def train(model, optimizer, batch_fn, steps, *, peak_lr, warmup_steps, pruner=No
     first_bad = torch.full((), -1, device=device)      # first step with a non-finite loss or gradient norm
     t0, n_summed = time.time(), 0
     try:
-        for step in bar:  # the step: pruner.update, forward, backward, optimizer.step, pruner.apply; then bookkeeping
+        for step in bar:  # pruner.update, forward, backward, optimizer.step, pruner.apply; then bookkeeping
             if pruner:
                 updated = pruner.update(step)
                 if updated and ddp_model is not None:
@@ -537,6 +537,8 @@ def train(model, optimizer, batch_fn, steps, *, peak_lr, warmup_steps, pruner=No
                     soft = distillation_loss(logits, teacher_logits, batch["labels"], distill.kind, distill.temperature)
                     loss = (1 - distill.hardness) * loss + distill.hardness * soft
             backward(loss, batch["labels"], ddp_model is not None, mean_labelled)
+            if pruner:
+                pruner.accumulate()  # movement scores read the gradients here (a no-op for the others)
             grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip_norm)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
