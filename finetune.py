@@ -32,14 +32,15 @@ from tiny_sparse_bert.config import (check_options, check_run_dir, check_writabl
 from tiny_sparse_bert.data import file_sha256
 from tiny_sparse_bert.model import BertForMaskedLM
 from tiny_sparse_bert.pruning import MagnitudePruner
-from tiny_sparse_bert.tasks import collate, encode, get_task, length_grouped_batches
+from tiny_sparse_bert.tasks import encode, get_task
 from tiny_sparse_bert.train import (Distillation, NonFiniteLoss, Reporting, Runtime, barrier, load_checkpoint,
                                     make_optimizer, precision_name, save_checkpoint, setup_distributed, train, use_bf16,
                                     wrap_ddp)
-from tiny_sparse_bert.transfer import (FLOOR_MARGIN, RUNS_FILE, bootstrap, check_names, claim_out_dir,
-                                       encoder_info, evaluate, floor_score, grid, head_model, intervals_table,
-                                       load_encoder, load_task_data, recipe_of, recorded_runs, results_table,
-                                       run_key, run_summary, save_runs, seeds_for, select_recipe, write_results)
+from tiny_sparse_bert.recovery import FLOOR_MARGIN, all_intervals, floor_score
+from tiny_sparse_bert.transfer import (RUNS_FILE, check_names, claim_out_dir, encoder_info, evaluate, failed_run, grid,
+                                       head_model, load_encoder, load_task_data, recorded_runs, results_table, run_key,
+                                       run_summary, save_runs, search_recipes, seeds_for, training_batches,
+                                       write_results)
 
 
 @dataclass
@@ -99,7 +100,7 @@ check_options(cfg, positive=("seeds", "other_seeds", "search_seeds", "batch_size
 
 
 recipes = [(epochs, lr) for epochs in grid("epochs", cfg.epochs) for lr in grid("lr", cfg.lr)]
-fallback = [(epochs, lr) for epochs in grid("epochs", cfg.epochs) for lr in
+fallback = [(epochs, lr, 0.0) for epochs in grid("epochs", cfg.epochs) for lr in
             (grid("lr-fallback", cfg.lr_fallback) if cfg.lr_fallback else [])]
 hardness_grid = grid("distill-hardness", cfg.distill_hardness)
 distilling = any(h > 0 for h in hardness_grid)
@@ -153,25 +154,8 @@ def finetune_run(task, mlm, sparse, encoded, epochs, lr, seed, teacher=None, har
         pruner = MagnitudePruner(model, cfg.prune_during_finetune, 0, int(0.7 * steps), max(1, steps // 50))
     else:
         pruner = None
-    rng = np.random.default_rng(seed)
-    # NER: random batches of sentences of similar lengths (tasks.length_grouped_batches, half the
-    # padding gone), each weighted by its labelled words in train(): a batch of short sentences
-    # holds few. Sentence-level tasks keep plain random batches: grouped by length, their batches
-    # skew the label mix and the dense models' ChemProt runs collapsed (2 of 5 seeds, docs/ladder.md row M)
-    lengths = [len(it["ids"]) for it in encoded["train"]]
-    mean_labelled = (cfg.batch_size * sum(len(it["first"]) for it in encoded["train"]) / len(encoded["train"])
-                     if task.kind == "ner" else None)
-    batches = {}
-
-    def batch_fn(step):
-        epoch, i = divmod(step, steps_per_epoch)
-        if epoch not in batches:
-            batches[epoch] = (length_grouped_batches(lengths, cfg.batch_size, rng) if task.kind == "ner" else
-                              np.array_split(rng.permutation(len(lengths))[:steps_per_epoch * cfg.batch_size],
-                                             steps_per_epoch))
-        idx = batches[epoch][i][rank::world]  # this rank's rows
-        return collate([encoded["train"][j] for j in idx], task.kind)
-
+    batch_fn, mean_labelled = training_batches(task, encoded["train"], cfg.batch_size, steps_per_epoch,
+                                               np.random.default_rng(seed), rank, world)
     best = {"dev": -1.0, "state": None, "threshold": None, "dev_curve": []}
 
     def select_on_dev(step=None):  # keep the weights (and multi-label threshold) of the best dev score
@@ -190,8 +174,8 @@ def finetune_run(task, mlm, sparse, encoded, epochs, lr, seed, teacher=None, har
               report=Reporting(log_every=max(1, steps // 4), eval_fn=select_on_dev, eval_every=steps_per_epoch),
               runtime=Runtime(device, wrap_ddp(model, device, world), rank == 0, cfg.compile, bf16=bf16))
     except NonFiniteLoss as e:  # recorded as failed, never selected on dev; the other runs go on
-        return {**run, "failed": str(e).split(";")[0].removeprefix("error: "), "dev": None,
-                "dev_curve": best["dev_curve"], "test": None, "test_metrics": {}}, None
+        return failed_run(epochs, lr, hardness, seed, str(e).split(";")[0].removeprefix("error: "),
+                          best["dev_curve"]), None
     select_on_dev()
     model.load_state_dict(best["state"])
     if sparse:  # exactly the pretrained zeros, no more, no fewer
@@ -230,7 +214,7 @@ def finetune_model(name, mlm, sparse, tokenizer):
                               for s, ex in splits[task.name].items()}
             floors.setdefault(task.name, {s: floor_score(task, encodings[key]["train"], encodings[key][s],
                                                          labels[task.name]) for s in ("dev", "test")})
-        runs, states = [], {}
+        states = {}
 
         def run_seed(recipe, seed):
             epochs, lr, hardness = recipe
@@ -246,9 +230,7 @@ def finetune_model(name, mlm, sparse, tokenizer):
                     teacher = weights and head_model(task, mlm, len(labels[task.name]), cfg.dropout, weights)
                     teacher = teacher and teacher.to(device).eval().requires_grad_(False)
                 if hardness > 0 and teacher is None:
-                    run, state = {"epochs": epochs, "lr": lr, "distill_hardness": hardness, "seed": seed,
-                                  "teacher": False, "failed": "its teacher's run failed", "dev": None,
-                                  "dev_curve": [], "test": None, "test_metrics": {}}, None
+                    run, state = failed_run(*recipe, seed, "its teacher's run failed"), None
                 else:
                     run, state = finetune_run(task, mlm, sparse, encodings[key], epochs, lr, seed, teacher, hardness)
                 if rank == 0 and is_teacher and state is not None:
@@ -257,33 +239,15 @@ def finetune_model(name, mlm, sparse, tokenizer):
                 if rank == 0:
                     save_runs(cfg.out, settings, finished)
                 print(run_summary(name, task, run))
-            runs.append(run)
             if is_teacher:
                 states[(epochs, lr, seed)] = state
+            return run
 
-        search = range(min(cfg.search_seeds, seeds_of(name)))  # the grid, searched with the first seeds
-        for recipe in model_recipes:
-            for seed in search:
-                run_seed(recipe, seed)
-        recipe = select_recipe(runs, model_recipes)  # best mean dev score; then the other seeds at that recipe
-        for epochs, lr in fallback:  # every rate at its floor on dev: lower rates, the same rule for every model
-            if recipe and not all(r.get("at_floor") for r in runs if recipe_of(r) == recipe):
-                break
-            print(f"note: {name} / {task.name}: no rate of --lr learned on dev; trying lr {lr:g}")
-            for seed in search:
-                run_seed((epochs, lr, 0.0), seed)
-            recipe = select_recipe(runs, model_recipes + [(epochs, lr, 0.0)])
-        for seed in range(len(search), seeds_of(name)) if recipe else []:
-            run_seed(recipe, seed)
-        for run in runs:
-            run["selected"] = recipe_of(run) == recipe
+        dense_recipe = results.get(dense_counterpart(name), {}).get(task.name, {}).get("recipe")
+        shared = dense_recipe if cfg.shared_recipe and sparse and seeds_of(name) == cfg.seeds else None
+        recipe, runs = search_recipes(run_seed, model_recipes, fallback, cfg.search_seeds, seeds_of(name), shared,
+                                      say=lambda text: print(f"note: {name} / {task.name}: {text}"))
         results[name][task.name] = {"recipe": recipe, "runs": runs}
-        dense_recipe = results.get(teacher_name or dense_counterpart(name), {}).get(task.name, {}).get("recipe")
-        if cfg.shared_recipe and sparse and seeds_of(name) == cfg.seeds and dense_recipe and dense_recipe != recipe:
-            for seed in range(seeds_of(name)):  # recovery at one shared recipe: the dense model's
-                if not any(recipe_of(r) == tuple(dense_recipe) and r["seed"] == seed for r in runs):
-                    run_seed(tuple(dense_recipe), seed)
-                    runs[-1]["selected"] = False
         if is_teacher and recipe:
             teachers[(name, task.name)] = [states[(*recipe[:2], seed)] for seed in range(seeds_of(name))]
     if sparse:
@@ -305,21 +269,11 @@ except (KeyboardInterrupt, SystemExit) as e:  # train() exits with 130 after Ctr
 
 # %% 6) the comparison table, and recovery with a 95% interval (bootstrap over test examples and seeds)
 table, chosen = results_table(results, info, tasks, seeds_of, floors)
-intervals, texts = {}, []
-for sparse_name in [n for n in results if dense_counterpart(n) in results]:
-    dense_name = dense_counterpart(sparse_name)
-    shared = {sparse_name: {t: r["recipe"] for t, r in results[dense_name].items()}}  # the dense model's recipes
-    for how, recipes_used in (("its own dev-selected recipe", None), ("the dense model's recipe", shared)):
-        if recipes_used and not (cfg.shared_recipe and seeds_of(sparse_name) == cfg.seeds):
-            continue
-        boot = bootstrap(results, tasks, sparse_name, dense_name, recipes_used, floors={t: f["test"] for t, f in
-                                                                                           floors.items()})
-        intervals.setdefault(sparse_name, {})[how] = boot
-        texts.append(f"{sparse_name} at {how}, test scores x100:\n\n{intervals_table((sparse_name, dense_name), boot)}")
+intervals, intervals_text = all_intervals(results, tasks, floors, seeds_of, cfg.shared_recipe, cfg.seeds)
 print(f"\n{table}\n\nrecipes selected on dev (grid: epochs {cfg.epochs}, lr {cfg.lr}, distillation hardness "
       f"{cfg.distill_hardness} for sparse models with their dense counterpart in --models):\n{chosen}")
-print("\n" + "\n\n".join(texts))
+print("\n" + intervals_text)
 if rank == 0:
-    write_results(cfg.out, asdict(cfg), table, chosen, info, results, floors, intervals, "\n\n".join(texts))
+    write_results(cfg.out, asdict(cfg), table, chosen, info, results, floors, intervals, intervals_text)
     print(f"\n{(time.time() - t_start) / 60:.1f} min; wrote {cfg.out}/results.md and results.json")
     print(f"figures: python -m tiny_sparse_bert.plots {os.path.dirname(os.path.normpath(cfg.out)) or '.'}")

@@ -4,11 +4,14 @@ Sparse*BERT's comparison (Campos et al. 2022, table 2) is fair only when every m
 search. finetune.py runs, for each (model, task), every recipe of the grid with its first seeds,
 keeps the recipe with the best mean *dev* score (test is never looked at), then runs the other
 seeds at that recipe. This module holds what that needs besides the training loop: the grids,
-checkpoints under task heads, the metrics of a model's predictions, the choice on dev, and the
-results table (results.md) with every run (results.json).
+checkpoints under task heads, the metrics of a model's predictions and their floor (the score of
+ignoring the input), the choice on dev, every finished run on disk (runs.json: a stopped run
+continues), the recovery with a 95% interval from a paired bootstrap over test examples and seeds,
+and the results table (results.md) with every run (results.json).
 
-    recipe = select_recipe(runs, recipes)                  # the best mean dev score wins
-    table, chosen = results_table(results, info, tasks, seeds_of)
+    recipe, runs = search_recipes(run_seed, recipes, fallback, n_search, n_seeds)   # one (model, task)
+    table, chosen = results_table(results, info, tasks, seeds_of, floors)
+    boot = bootstrap(results, tasks, "bio-sparse90", "bio-dense")                   # gap, recovery, intervals
 """
 import atexit
 import json
@@ -22,10 +25,11 @@ import numpy as np
 import torch
 
 from .config import dense_counterpart, load_run
-from .pruning import prunable_parameters
 from .model import BertConfig, BertForMaskedLM, BertForSequenceClassification, BertForTokenClassification
-from .tasks import (best_threshold, collate, entity_f1, example_counts, f1_scores, label_list, load_splits,
-                    metric_from_counts, multilabel_f1)
+from .recovery import FLOOR_MARGIN
+from .tasks import (best_threshold, collate, entity_f1, example_counts, f1_scores, label_list, length_grouped_batches,
+                    load_splits, multilabel_f1)
+from .pruning import prunable_parameters
 from .train import autocast, to_device
 
 
@@ -106,6 +110,26 @@ def head_model(task, mlm, n_labels, dropout, state=None):
     return model
 
 
+def training_batches(task, items, batch_size, steps_per_epoch, rng, rank=0, world=1):
+    """(batch_fn(step), mean_labelled) of a fine-tuning run. NER: random batches of sentences of similar
+    lengths (`length_grouped_batches`, half the padding gone), each weighted by its labelled words in
+    `train(mean_labelled)`: a batch of short sentences holds few. Sentence-level tasks keep plain
+    random batches: grouped by length, their batches skew the label mix (the dense models' ChemProt
+    runs collapsed on 2 of 5 seeds, docs/ladder.md row M). Under torchrun each rank takes its rows."""
+    lengths = [len(it["ids"]) for it in items]
+    mean_labelled = batch_size * sum(len(it["first"]) for it in items) / len(items) if task.kind == "ner" else None
+    epochs = {}
+
+    def batch_fn(step):
+        epoch, i = divmod(step, steps_per_epoch)
+        if epoch not in epochs:
+            epochs[epoch] = (length_grouped_batches(lengths, batch_size, rng) if task.kind == "ner" else
+                             np.array_split(rng.permutation(len(lengths))[:steps_per_epoch * batch_size],
+                                            steps_per_epoch))
+        return collate([items[j] for j in epochs[epoch][i][rank::world]], task.kind)
+    return batch_fn, mean_labelled
+
+
 @torch.no_grad()
 def evaluate(model, task, items, names, device, bf16=False, threshold=None, counts=False):
     """The task's metrics on encoded examples (batched by length, so little padding); with `counts`,
@@ -143,21 +167,6 @@ def evaluate(model, task, items, names, device, bf16=False, threshold=None, coun
     return (metrics, example_counts(task, gold, pred, len(names))) if counts else metrics
 
 
-def floor_score(task, train_items, items, names):
-    """The score of a model that ignores its input and predicts the commonest training label: the
-    majority class (classification), every word O (NER: entity F1 0), each label's majority
-    (multi-label). A fine-tuned model is worth something only above it, as an MLM is above the
-    unigram floor."""
-    if task.kind == "ner":
-        return 0.0
-    if task.kind == "multi":
-        majority = np.mean([it["y"] for it in train_items], axis=0) > 0.5
-        gold = np.array([it["y"] for it in items])
-        return float(multilabel_f1(gold, np.tile(majority, (len(items), 1)))["micro_f1"])
-    commonest = np.bincount([it["y"] for it in train_items]).argmax()
-    return float(f1_scores([it["y"] for it in items], [commonest] * len(items), len(names))[task.metric])
-
-
 def run_summary(name, task, run):
     """One log line per finished run: model, task, recipe, seed, dev and test scores."""
     tests = ", ".join(f"test {k} {v:.4f}" for k, v in run["test_metrics"].items())
@@ -182,9 +191,6 @@ def recipe_of(run):
     return run["epochs"], run["lr"], run["distill_hardness"]
 
 
-FLOOR_MARGIN = 0.01  # a score within a point of the floor is "at the floor": nothing learned
-
-
 def select_recipe(runs, recipes):
     """The recipe with the best mean dev score over its finished runs (test is never looked at). A
     failed run (non-finite loss) counts for nothing; a recipe whose runs all ended at the floor
@@ -194,6 +200,37 @@ def select_recipe(runs, recipes):
     learned = [r for r in finished if not all(x.get("at_floor") for x in runs
                                               if recipe_of(x) == r and not x.get("failed"))]
     return max(learned or finished, key=lambda r: statistics.mean(dev[r])) if finished else None
+
+
+def search_recipes(run_seed, recipes, fallback, n_search, n_seeds, shared=None, say=print):
+    """The search of one (model, task), the same for every model: every recipe with the first
+    `n_search` seeds; the best mean dev score wins (`select_recipe`); where every recipe ended at
+    its floor, the `fallback` recipes are tried in turn; the other seeds run the winner; with
+    `shared` (the dense counterpart's recipe) every seed also runs that one, so that recovery can
+    be read at one recipe for both models. run_seed(recipe, seed) -> run. Returns (recipe, runs)."""
+    search = range(min(n_search, n_seeds))
+    runs = [run_seed(recipe, seed) for recipe in recipes for seed in search]
+    recipe = select_recipe(runs, recipes)
+    for extra in fallback:
+        if recipe and not all(r.get("at_floor") for r in runs if recipe_of(r) == recipe):
+            break
+        say(f"no rate of --lr learned on dev; trying lr {extra[1]:g}")
+        runs += [run_seed(extra, seed) for seed in search]
+        recipes = recipes + [extra]
+        recipe = select_recipe(runs, recipes)
+    runs += [run_seed(recipe, seed) for seed in range(len(search), n_seeds)] if recipe else []
+    for run in runs:
+        run["selected"] = recipe_of(run) == recipe
+    if shared and recipe and tuple(shared) != recipe:
+        runs += [{**run_seed(tuple(shared), seed), "selected": False} for seed in range(n_seeds)
+                 if not any(recipe_of(r) == tuple(shared) and r["seed"] == seed for r in runs)]
+    return recipe, runs
+
+
+def failed_run(epochs, lr, hardness, seed, why, dev_curve=()):
+    """The record of a run that did not finish: never selected, scored nowhere."""
+    return {"epochs": epochs, "lr": lr, "distill_hardness": hardness, "seed": seed, "teacher": False, "failed": why,
+            "dev": None, "dev_curve": list(dev_curve), "test": None, "test_metrics": {}}
 
 
 def test_scores(runs):
@@ -263,77 +300,6 @@ def results_table(results, info, tasks, seeds_of, floors=None):
     chosen = "\n".join(f"- {name}: " + ", ".join(f"{t} {recipe_text(name, r['recipe'])}{failures(r['runs'])}"
                                                   for t, r in results[name].items()) for name in results)
     return table, chosen
-
-
-def bootstrap(results, tasks, sparse, dense, recipes=None, n_resamples=1000, seed=0, floors=None):
-    """The gap (sparse - dense) and the recovery (sparse / dense) of one pair, per task and over the
-    tasks, each with a 95% interval from a paired bootstrap: every resample draws each task's test
-    examples with replacement, the same draw for both models, and each model's seeds with
-    replacement; a resample's score is its metric recomputed from the summed `example_counts`
-    (entity and macro F1 are not means of per-example scores). `recipes` {model: {task: recipe}}
-    picks the runs (default: each model's dev-selected ones). A task where the dense model sits at
-    its floor (`floors`) gets no recovery and stays out of the average."""
-    rng = np.random.default_rng(seed)
-    picked = lambda name, task: [r for r in results[name][task]["runs"] if not r.get("failed") and recipe_of(r) ==
-                                 tuple((recipes or {}).get(name, {}).get(task) or results[name][task]["recipe"])]
-    per_task, samples = {}, {}
-    for task in tasks:
-        runs = {name: picked(name, task.name) for name in (dense, sparse)}
-        if not all(runs.values()):
-            continue
-        n = len(runs[dense][0]["test_counts"])
-        weights = rng.multinomial(n, np.full(n, 1 / n), size=n_resamples).astype(np.float64)  # (B, n)
-        scores, points = {}, {}
-        for name, model_runs in runs.items():
-            counts = [np.asarray(r["test_counts"], dtype=np.float64) for r in model_runs]
-            by_seed = np.stack([metric_from_counts(task, weights @ c) for c in counts])  # (S, B)
-            pick = rng.integers(0, len(counts), (n_resamples, len(counts)))  # the seeds, resampled
-            scores[name] = by_seed[pick, np.arange(n_resamples)[:, None]].mean(1)  # (B,)
-            points[name] = float(np.mean([metric_from_counts(task, c.sum(0)) for c in counts]))
-        at_floor = floors is not None and points[dense] <= floors[task.name] + FLOOR_MARGIN
-        gap = scores[sparse] - scores[dense]
-        per_task[task.name] = {dense: points[dense], sparse: points[sparse], "gap": points[sparse] - points[dense],
-                               "gap_ci": percentiles(gap), "dense_at_floor": at_floor,
-                               "recovery": None if at_floor else points[sparse] / points[dense],
-                               "recovery_ci": None if at_floor else percentiles(scores[sparse] / scores[dense])}
-        if not at_floor:
-            samples[task.name] = scores
-    if not samples:
-        return {"tasks": per_task, "average": None}
-    mean = lambda name, key: np.mean([samples[t][name] if key == "b" else per_task[t][name] for t in samples], 0)
-    average = {dense: float(mean(dense, "p")), sparse: float(mean(sparse, "p")), "tasks": list(samples)}
-    average.update(gap=average[sparse] - average[dense], gap_ci=percentiles(mean(sparse, "b") - mean(dense, "b")),
-                   recovery=average[sparse] / average[dense],
-                   recovery_ci=percentiles(mean(sparse, "b") / mean(dense, "b")))
-    return {"tasks": per_task, "average": average}
-
-
-def percentiles(samples):
-    """The 95% interval of bootstrap samples: their 2.5th and 97.5th percentiles."""
-    return [float(x) for x in np.percentile(samples, [2.5, 97.5])]
-
-
-def intervals_table(pair, boot):
-    """Markdown: one row per task and the average: both models' scores, the gap and the recovery with
-    their 95% intervals (x100), and a sentence saying where the gap's interval excludes zero."""
-    sparse, dense = pair
-    rows = [f"| {sparse} vs {dense} | {dense} | {sparse} | gap [95% interval] | recovery [95% interval] |",
-            "| --- | --- | --- | --- | --- |"]
-    gap = lambda v, ci: f"{100 * v:+.1f} [{100 * ci[0]:+.1f}, {100 * ci[1]:+.1f}]"
-    recovery_text = lambda v, ci: f"{100 * v:.1f}% [{100 * ci[0]:.1f}, {100 * ci[1]:.1f}]"
-    for name, row in list(boot["tasks"].items()) + ([("average", boot["average"])] if boot["average"] else []):
-        recovery = ("n/a: the dense model is at its floor" if row.get("dense_at_floor") else
-                    recovery_text(row["recovery"], row["recovery_ci"]))
-        label = name if name != "average" else f"average over {', '.join(row['tasks'])}"
-        rows.append(f"| {label} | {100 * row[dense]:.1f} | {100 * row[sparse]:.1f} | "
-                    f"{gap(row['gap'], row['gap_ci'])} | {recovery} |")
-    below = [n for n, r in boot["tasks"].items() if r["gap_ci"][1] < 0]
-    above = [n for n, r in boot["tasks"].items() if r["gap_ci"][0] > 0]
-    level = [n for n in boot["tasks"] if n not in below + above]
-    said = ([f"{sparse} is below {dense} on {', '.join(below)} (the gap's interval excludes zero)"] if below
-            else []) + ([f"above it on {', '.join(above)}"] if above else []) + \
-           ([f"level within noise on {', '.join(level)} (the interval holds zero)"] if level else [])
-    return "\n".join(rows) + "\n\n" + "; ".join(said) + "."
 
 
 def write_results(out, config, table, chosen, info, results, floors=None, intervals=None, intervals_text=""):
