@@ -179,6 +179,9 @@ def test_missing_inputs_are_one_line_errors(tmp_path):
     (tmp_path / "tokenizer.json").write_text('{"version": "1.0", "truncation": nu')  # cut off mid-file
     with pytest.raises(SystemExit, match=r"tokenizer.json is damaged \(.*\); it is written by train_general.py"):
         load_tokenizer(str(tmp_path / "tokenizer.json"))
-    from tiny_sparse_bert.data import Blocks
+    from tiny_sparse_bert.data import Blocks, documents
     with pytest.raises(SystemExit, match="a corpus of 100 tokens holds fewer than one batch of 8 x 64"):
         Blocks(np.arange(100), 64, 8)
+    (tmp_path / "abstracts.txt").write_bytes("1\tcaf\u00e9 au lait\n".encode("utf-8")[:6])  # cut mid-character
+    with pytest.raises(SystemExit, match="abstracts.txt is not UTF-8 text .*run python data/prepare.py again"):
+        list(documents([(read_id_text, str(tmp_path / "abstracts.txt"))]))

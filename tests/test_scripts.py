@@ -152,6 +152,20 @@ def test_run_records_and_figures(bio, tmp_path, capsys):
     written, skipped = plots.main(str(partial))
     assert [os.path.basename(p) for p in written] == ["loss.png"] and len(skipped) == 5
 
+    damaged = tmp_path / "damaged"  # a cut-off config and checkpoint, a binary record, a cut-off results.json
+    shutil.copytree(out, damaged, ignore=shutil.ignore_patterns("finetune*"))
+    (damaged / "bio-dense" / "config.json").write_text('{"steps": 9')
+    (damaged / "general-sparse90" / "record.jsonl").write_bytes(bytes(range(256)) * 4)
+    ckpt = damaged / "general-sparse90" / "ckpt.pt"
+    ckpt.write_bytes(ckpt.read_bytes()[:4000])
+    (damaged / "finetune").mkdir()
+    (damaged / "finetune" / "results.json").write_text('{"scores": {"bio-dense": ')
+    written, skipped = plots.main(str(damaged))  # no traceback: each figure drawn or skipped with a line
+    out_text = capsys.readouterr().out
+    assert f"warning: {damaged / 'bio-dense' / 'config.json'} is damaged" in out_text
+    assert {line.split(":")[0] for line in skipped} >= {"layer_sparsity", "magnitudes", "finetune"}
+    assert "schedule.png" in {os.path.basename(p) for p in written}
+
 
 def test_finetune_recipe_search_seeds_and_distillation(bio, mirror_data):
     """Every model gets the same grid; each keeps its best mean dev recipe; the sparse model learns

@@ -49,6 +49,13 @@ def test_errors(tmp_path):
                     model_config=alibi.__dict__, pruner=None)
     with pytest.raises(SystemExit, match="ALiBi"):
         main([str(tmp_path / "alibi"), "--hf", str(tmp_path / "hf")])
+    sparse_dir = tmp_path / "sparse"
+    save_checkpoint(str(sparse_dir / "ckpt.pt"), model=model.state_dict(), model_config=CFG.__dict__, pruner={})
+    main([str(sparse_dir), "--to", str(tmp_path / "new" / "folder" / "m.sparse.pt")])  # the folder is made
+    assert (tmp_path / "new" / "folder" / "m.sparse.pt").exists()
+    (sparse_dir / "ckpt.pt").write_bytes((sparse_dir / "ckpt.pt").read_bytes()[:3000])
+    with pytest.raises(SystemExit, match="ckpt.pt is damaged or not a checkpoint"):
+        main([str(sparse_dir), "--to", str(tmp_path / "x.sparse.pt")])
 
 
 def test_sparse_path_gives_the_same_outputs():

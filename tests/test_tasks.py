@@ -86,6 +86,9 @@ def test_user_task_and_errors(tmp_path):
         label_list(task, splits)
     with pytest.raises(SystemExit, match="unknown task"):
         get_task("nope")
+    (folder / "test.tsv").write_bytes("caf\u00e9\tpos\n".encode("utf-8")[:4])  # cut off mid-character
+    with pytest.raises(SystemExit, match=r"test.tsv is not UTF-8 text \(damaged, or cut off mid-character\?\)$"):
+        load_splits(task, "unused")
 
 
 def test_hoc_dev_split_is_carved_from_train(tmp_path):

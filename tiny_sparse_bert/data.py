@@ -147,11 +147,15 @@ def documents(files, max_docs=None):
     """All documents of the given (reader, path) files, in order, optionally only the first max_docs."""
     n = 0
     for reader, path in files:
-        for doc in reader(path):
-            if max_docs is not None and n >= max_docs:
-                return
-            yield doc
-            n += 1
+        try:
+            for doc in reader(path):
+                if max_docs is not None and n >= max_docs:
+                    return
+                yield doc
+                n += 1
+        except UnicodeDecodeError:
+            raise SystemExit(f"error: {path} is not UTF-8 text (damaged, or cut off mid-character?); "
+                             f"run python data/prepare.py again") from None
 
 
 # ---------------------------------------------------------------------------------- token cache

@@ -34,8 +34,12 @@ def load_run(directory):
     config, record = os.path.join(directory, "config.json"), os.path.join(directory, "record.jsonl")
     if not os.path.exists(config):
         return None
-    with open(config) as f:
-        return json.load(f), read_record(record) if os.path.exists(record) else []
+    try:
+        with open(config) as f:
+            return json.load(f), read_record(record) if os.path.exists(record) else []
+    except (ValueError, UnicodeDecodeError) as e:
+        print(f"warning: {config} is damaged ({type(e).__name__}); figures of {directory} skipped")
+        return None
 
 
 def last_per_key(entries, *keys):
@@ -207,7 +211,12 @@ def main(run_dir):
     written, skipped = [], []
 
     def attempt(name, reason, draw):
-        (written.append(draw()) if reason is None else skipped.append(f"{name}: {reason}"))
+        if reason is not None:
+            return skipped.append(f"{name}: {reason}")
+        try:
+            written.append(draw())
+        except Exception as e:  # a damaged results.json or ckpt.pt: this figure is skipped, the others drawn
+            skipped.append(f"{name}: could not read its data ({type(e).__name__}: {str(e).splitlines()[0][:100]})")
 
     general = load_run(os.path.join(run_dir, "general-dense"))
     sparse_dirs = sorted(d for d in glob.glob(os.path.join(run_dir, "general-sparse*")) if load_run(d))

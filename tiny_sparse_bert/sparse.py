@@ -27,6 +27,7 @@ import torch.nn as nn
 
 from .model import BertConfig, BertForMaskedLM, save_hf
 from .pruning import prunable_parameters
+from .train import load_checkpoint
 
 FORMAT = "tiny-sparse-bert/bitmask-v1"
 
@@ -162,10 +163,12 @@ def main(argv=None):
     parser.add_argument("--to", help="write the compressed file here (e.g. out/bio-sparse90.sparse.pt)")
     parser.add_argument("--hf", help="write a Hugging Face directory here (config.json, pytorch_model.bin)")
     args = parser.parse_args(argv)
-    ckpt_path = os.path.join(args.checkpoint, "ckpt.pt")
-    if not os.path.exists(ckpt_path):
-        raise SystemExit(f"error: no checkpoint at {ckpt_path}")
-    ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+    ckpt = load_checkpoint(os.path.join(args.checkpoint, "ckpt.pt"))  # one-line errors: missing, damaged
+    if "model_config" not in ckpt:
+        raise SystemExit(f"error: {args.checkpoint}/ckpt.pt holds no model_config: not a checkpoint of this project")
+    for path in (args.to, args.hf):  # an output folder that does not exist yet is made
+        if path:
+            os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     model = BertForMaskedLM(BertConfig(**ckpt["model_config"]))
     model.load_state_dict(ckpt["model"])
     if args.to:

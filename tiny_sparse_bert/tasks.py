@@ -174,7 +174,11 @@ def load_splits(task, data_dir, seed=0, dev_fraction=0.1):
         if not os.path.exists(path):
             raise SystemExit(f"error: {task.name}: missing {split} split {path}"
                              + ("" if ":" in task.name else " (run python data/prepare.py)"))
-        splits[split] = task.reader(path)
+        try:
+            splits[split] = task.reader(path)
+        except UnicodeDecodeError:
+            raise SystemExit(f"error: {path} is not UTF-8 text (damaged, or cut off mid-character?)"
+                             + ("" if ":" in task.name else "; run python data/prepare.py again")) from None
         if not splits[split]:  # an empty test set would score 0 as if it were a result; an empty dev selects nothing
             raise SystemExit(f"error: {task.name}: {split} split {path} has no examples")
     if "dev" not in splits:  # HoC has no dev split

@@ -332,7 +332,7 @@ def append_record(path, **fields):
 def read_record(path):
     """The objects of a record.jsonl; a malformed line is reported with its file and line, and skipped."""
     entries = []
-    with open(path) as f:
+    with open(path, errors="replace") as f:  # a binary or cut-off file: its lines are reported, not a traceback
         for n, line in enumerate(f, 1):
             try:
                 entry = json.loads(line)
