@@ -89,6 +89,10 @@ PRESETS = {
     "default": {},
     "tiny": dict(epochs="1", seeds=2, batch_size=8, max_train=64, max_eval=32, max_test=32, max_len=64,
                  lr_fallback=""),  # tiny models learn little: no fallback, so tests know the runs
+    # after the other scripts' lab presets: one task, 1,000 training sentences, 3 epochs, no fallback rates
+    "lab": dict(models="out-lab/general-dense,out-lab/general-sparse90,out-lab/bio-dense,out-lab/bio-sparse90",
+                out="out-lab/finetune", tasks="ncbi_disease", epochs="3", max_train=1000, max_eval=500,
+                lr_fallback=""),
     "gpu": dict(max_train=0, max_eval=0, epochs="3"),
 }
 

@@ -1,9 +1,12 @@
 """Script configuration: options, range checks, resume and run-directory checks (one-line errors)."""
+import ast
+import os
 import re
 from dataclasses import dataclass
 
 import pytest
 
+from conftest import ROOT
 from tiny_sparse_bert.config import (check_options, check_resume_config, check_run_dir, check_writable,
                                      parse_config)
 from tiny_sparse_bert.train import pick_device, save_checkpoint
@@ -78,3 +81,22 @@ def test_run_directory_and_output_checks(tmp_path):
         check_writable(str(tmp_path / "run" / "ckpt.pt" / "out"))
     check_writable(str(tmp_path / "new" / "out"))
     assert (tmp_path / "new" / "out").is_dir()
+
+
+def script_presets(script):
+    """A top-level script's PRESETS dict, read from its source (importing the script would run it)."""
+    with open(os.path.join(ROOT, script), encoding="utf-8") as f:
+        tree = ast.parse(f.read())
+    node = next(n for n in tree.body if isinstance(n, ast.Assign) and getattr(n.targets[0], "id", "") == "PRESETS")
+    return eval(compile(ast.Expression(node.value), script, "eval"), {"dict": dict})
+
+
+def test_the_lab_presets_chain_into_each_other():
+    """`--preset lab` in every script, one after the other, with no other option (README's lab line)."""
+    general, bio, finetune = (script_presets(s)["lab"] for s in ("train_general.py", "train_bio.py", "finetune.py"))
+    out = general["out"]
+    assert out != "out"  # the lab run never overwrites the default run's models
+    assert bio["init"] == f"{out}/general-sparse90"  # train_bio.py's default --init, then --init .../general-dense
+    runs = [f"{out}/{name}" for name in ("general-dense", "general-sparse90", "bio-dense", "bio-sparse90")]
+    assert finetune["models"].split(",") == runs
+    assert finetune["out"].startswith(out + "/")
