@@ -97,6 +97,15 @@ PRESETS = {
 }
 
 preset, cfg = parse_config(Config, PRESETS, __doc__.splitlines()[0])
+
+
+def stopped_at_start_up(signum, frame):  # Ctrl-C (or a scheduler's stop) while data and models load
+    print("stopped before the first run: nothing to keep")
+    raise SystemExit(130)
+
+
+signal.signal(signal.SIGINT, stopped_at_start_up)
+signal.signal(signal.SIGTERM, stopped_at_start_up)
 check_options(cfg, positive=("seeds", "other_seeds", "search_seeds", "batch_size", "max_len",
                              "distill_temperature"),
               non_negative=("max_train", "max_eval", "max_test", "weight_decay"), fraction=("warmup",),
@@ -260,6 +269,7 @@ def finetune_model(name, mlm, sparse, tokenizer):
         info[name]["pruned_in_finetune"] = cfg.prune_during_finetune
 
 
+signal.signal(signal.SIGINT, signal.default_int_handler)  # from here on, a stop keeps the finished runs
 signal.signal(signal.SIGTERM, signal.default_int_handler)  # a batch scheduler's stop: as Ctrl-C
 try:
     for encoder in sorted(encoders, key=lambda e: e[2]):
