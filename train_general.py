@@ -222,7 +222,8 @@ pruner = MagnitudePruner(model, cfg.final_sparsity, begin, end, cfg.prune_every,
                          score=cfg.prune_score, pattern=cfg.prune_pattern)
 print(f"\nphase 2: GMP to {cfg.final_sparsity:.0%} sparsity, cubic schedule over steps {begin}-{end} of "
       f"{cfg.prune_steps}, masks updated every {cfg.prune_every} steps, lr {cfg.prune_lr}; score {cfg.prune_score}, "
-      f"pattern {cfg.prune_pattern}" + (f", distillation weight {cfg.distill}" if teacher else ""))
+      f"pattern {cfg.prune_pattern}, {'one global threshold' if cfg.global_pruning else 'a threshold per tensor'}"
+      + (f", distillation weight {cfg.distill}" if teacher else ""))
 optimizer = make_optimizer(model, cfg.prune_lr, cfg.weight_decay)
 start = (resume(sparse_ckpt, model, optimizer, pruner, tokenizer_sha256=tokenizer_sha256)
          if resuming and os.path.exists(sparse_ckpt) else 0)
