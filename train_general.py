@@ -247,5 +247,6 @@ for name, ev, minutes in (("general-dense", dense_eval, dense_minutes), (sparse_
     print(f"  {name:18s} ({minutes:5.1f} min)  {ev['general']}\n  {'':18s}              {ev['bio']}")
 print(f"\ntotal wall time {(time.time() - t_start) / 60:.1f} min")
 print(f"wrote {dense_dir}/ and {sparse_dir}/ (ckpt.pt, tokenizer.json, config.json)")
-print(f"next: python train_bio.py --init {sparse_dir}   and   python train_bio.py --init {dense_dir}")
+same = "" if preset == "default" else f"--preset {preset} "  # the next step at the same size
+print(f"next: python train_bio.py {same}--init {sparse_dir}   and   python train_bio.py {same}--init {dense_dir}")
 print(f"figures: python -m tiny_sparse_bert.plots {cfg.out}")

@@ -36,7 +36,7 @@ def test_train_general_tiny(general):
     dense, _ = load_model(out / "general-dense")
     assert all((w != 0).all() for w in prunable_parameters(dense).values())
     assert json.loads((out / "general-dense" / "config.json").read_text())["final_sparsity"] == 0.9
-    assert "unigram" in log and "next: python train_bio.py --init" in log
+    assert "unigram" in log and "next: python train_bio.py --preset tiny --init" in log  # the next step at the same size
 
 
 def test_train_general_resume_keeps_finished_phases(general, mirror_data):
