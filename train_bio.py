@@ -66,7 +66,8 @@ PRESETS = {
     "default": {},
     "tiny": dict(max_docs=300, seq_len=64, batch_size=8, steps=20, eval_batches=2, eval_every=0, log_every=10,
                  ckpt_every=10),
-    "lab": dict(init="out-lab/general-sparse90", steps=300, eval_every=0),  # after train_general.py --preset lab
+    # after train_general.py --preset lab, at its batch size (held-out: the same 640 blocks as the default)
+    "lab": dict(init="out-lab/general-sparse90", batch_size=16, steps=300, eval_every=0, eval_batches=40),
     "gpu": dict(batch_size=128, steps=3000, eval_every=1000),
     "base": dict(batch_size=256, lr=3e-4, steps=3000, eval_every=1000, ckpt_every=1000),  # as train_general's
 }

@@ -91,6 +91,14 @@ def script_presets(script):
     return eval(compile(ast.Expression(node.value), script, "eval"), {"dict": dict})
 
 
+def script_defaults(script):
+    """A top-level script's Config defaults, read from its source as `script_presets` reads PRESETS."""
+    with open(os.path.join(ROOT, script), encoding="utf-8") as f:
+        tree = ast.parse(f.read())
+    config = next(n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == "Config")
+    return {n.target.id: ast.literal_eval(n.value) for n in config.body if isinstance(n, ast.AnnAssign)}
+
+
 def test_the_lab_presets_chain_into_each_other():
     """`--preset lab` in every script, one after the other, with no other option (README's lab line)."""
     general, bio, finetune = (script_presets(s)["lab"] for s in ("train_general.py", "train_bio.py", "finetune.py"))
@@ -100,3 +108,9 @@ def test_the_lab_presets_chain_into_each_other():
     runs = [f"{out}/{name}" for name in ("general-dense", "general-sparse90", "bio-dense", "bio-sparse90")]
     assert finetune["models"].split(",") == runs
     assert finetune["out"].startswith(out + "/")
+    # the biomedical phase continues at the general phase's batch size, and both score the default's
+    # held-out blocks (eval_batches x batch_size sequences), so the lab's losses compare with the default's
+    assert bio.get("batch_size") == general.get("batch_size")
+    default = script_defaults("train_general.py")
+    assert general["eval_batches"] * general["batch_size"] == default["eval_batches"] * default["batch_size"]
+    assert bio["eval_batches"] * bio["batch_size"] == general["eval_batches"] * general["batch_size"]
