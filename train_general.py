@@ -97,7 +97,7 @@ PRESETS = {
     # the whole story within a class (17 minutes with the other scripts' lab presets on a 2-core CPU):
     # the default model, 44% of the dense steps and 31% of the pruning steps at half the batch, so a
     # fifth of its tokens (docs/flow-time.md). Batch 16: at equal tokens it learned more than batch 32
-    # (held-out 5.05 against 5.58 nats) and ran 2.1x faster per step. A long warm-up: reaching lr 2e-3
+    # (held-out 5.13 against 5.58 nats) and ran 2.1x faster per step. A long warm-up: reaching lr 2e-3
     # within 30 steps left the model on the unigram plateau for good (6.96 nats after 500 steps)
     "lab": dict(out="out-lab", batch_size=16, dense_steps=1200, warmup=0.25, prune_steps=400, prune_every=20,
                 eval_every=0, eval_batches=40),
