@@ -1,7 +1,9 @@
 """The documentation: every link and image resolves, and the project speaks of itself only."""
+import fnmatch
 import glob
 import os
 import re
+import shutil
 import subprocess
 
 import pytest
@@ -50,14 +52,44 @@ def process_words(text):
             if PROCESS_WORDS.search(line) and not any(a in line for a in ALLOWED)]
 
 
-def tracked_files():
-    try:
-        out = subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True, check=True).stdout
+def ignored(path, is_dir, patterns):
+    """Whether a .gitignore line of `patterns` (the forms this repository uses: `name/`, `*.ext`,
+    `dir/*/`, `!name`) leaves `path` (relative, with /) out; the last matching line decides."""
+    result = False
+    for pattern in patterns:
+        negated, pattern = pattern.startswith("!"), pattern.lstrip("!")
+        if pattern.endswith("/") and not is_dir:
+            continue
+        pattern = pattern.rstrip("/")
+        target = path if "/" in pattern else path.rsplit("/", 1)[-1]  # a slash anchors it at the root
+        if fnmatch.fnmatchcase(target, pattern):
+            result = not negated
+    return result
+
+
+def project_files(root):
+    """What git would track in a copy without git metadata (a release archive, a "Download ZIP"):
+    every file the repository's .gitignore keeps, never the data prepare.py writes, run outputs,
+    caches or a virtual environment."""
+    with open(os.path.join(root, ".gitignore")) as f:
+        patterns = [line.strip() for line in f if line.strip() and not line.startswith("#")]
+    files = []
+    for d, dirs, fs in os.walk(root):
+        rel = os.path.relpath(d, root).replace(os.sep, "/")
+        rel = "" if rel == "." else rel + "/"
+        dirs[:] = sorted(x for x in dirs if x != ".git" and not ignored(rel + x, True, patterns)
+                         and not os.path.exists(os.path.join(d, x, "pyvenv.cfg")))
+        files += [rel + f for f in sorted(fs) if not ignored(rel + f, False, patterns)]
+    return files
+
+
+def tracked_files(root=ROOT):
+    if os.path.isdir(os.path.join(root, ".git")) or os.path.isfile(os.path.join(root, ".git")):
+        out = subprocess.run(["git", "ls-files"], cwd=root, capture_output=True, text=True, check=True).stdout
         files = out.split()
-    except (OSError, subprocess.CalledProcessError):  # not a git checkout: every file but the ignored kinds
-        files = [os.path.relpath(os.path.join(d, f), ROOT) for d, _, fs in os.walk(ROOT) for f in fs
-                 if not any(part in d for part in (".git", "__pycache__", "out", "cache"))]
-    return [f for f in files if os.path.isfile(os.path.join(ROOT, f))]
+    else:
+        files = project_files(root)
+    return [f for f in files if os.path.isfile(os.path.join(root, f))]
 
 
 @pytest.mark.parametrize("path", PAGES, ids=lambda p: os.path.relpath(p, ROOT))
@@ -102,3 +134,22 @@ def test_the_process_words_check_fails_when_a_word_returns(line):
 
 def test_the_process_words_check_lets_ordinary_words_pass():
     assert process_words('@pytest.fixture(scope="session")\nexcellent, silent, lentils\nan issue\n') == []
+
+
+def test_without_git_the_project_files_are_those_git_tracks(tmp_path):
+    """An archive copy (no .git) with prepared data, run outputs, caches and a virtual environment:
+    the fallback lists exactly the files git tracks."""
+    if shutil.which("git") is None or not os.path.exists(os.path.join(ROOT, ".git")):
+        pytest.skip("the comparison needs git and a git checkout of the project")
+    copy = tmp_path / "copy"
+    archive = subprocess.run(["git", "archive", "HEAD"], cwd=ROOT, capture_output=True, check=True).stdout
+    copy.mkdir()
+    subprocess.run(["tar", "x"], cwd=copy, input=archive, check=True)
+    expected = subprocess.run(["git", "ls-tree", "-r", "--name-only", "HEAD"], cwd=ROOT, capture_output=True,
+                              text=True, check=True).stdout.split()
+    for made in ("data/general_wikipedia/train.txt", "data/cache/general.npy", "out-lab/general-dense/ckpt.pt",
+                 "run.log", "tiny_sparse_bert/__pycache__/model.cpython.pyc", ".venv/pyvenv.cfg", ".venv/lib/site.py",
+                 "env/pyvenv.cfg", ".pytest_cache/README.md"):
+        (copy / made).parent.mkdir(parents=True, exist_ok=True)
+        (copy / made).write_text("an earlier se" + "ssion\n")
+    assert sorted(tracked_files(str(copy))) == sorted(expected)
