@@ -19,38 +19,32 @@ Writes results.md and results.json (every run: recipe, seed, dev curve, scores) 
 # %% 1) config
 import copy
 import os
-import signal
-import sys
 import time
 from dataclasses import asdict, dataclass
 
 import numpy as np
 import torch
 
-from tiny_sparse_bert.config import (check_options, check_run_dir, check_writable, dense_counterpart, note_gpu_preset,
-                                     parse_config)
-from tiny_sparse_bert.data import file_sha256
+from tiny_sparse_bert.bookkeeping import NonFiniteLoss, Reporting
+from tiny_sparse_bert.config import RunOptions, check_options, parse_config
+from tiny_sparse_bert.distillation import Distillation
 from tiny_sparse_bert.model import BertForMaskedLM
-from tiny_sparse_bert.pruning import MagnitudePruner
-from tiny_sparse_bert.tasks import encode, get_task
-from tiny_sparse_bert.train import (Distillation, NonFiniteLoss, Reporting, Runtime, barrier, load_checkpoint,
-                                    make_optimizer, precision_name, save_checkpoint, setup_distributed, train, use_bf16,
-                                    wrap_ddp)
-from tiny_sparse_bert.recovery import FLOOR_MARGIN, all_intervals, floor_score
-from tiny_sparse_bert.transfer import (RUNS_FILE, check_names, claim_out_dir, encoder_info, evaluate, failed_run, grid,
-                                       head_model, load_encoder, load_task_data, recorded_runs, results_table, run_key,
-                                       run_summary, save_runs, search_recipes, seeds_for, training_batches,
-                                       write_results)
+from tiny_sparse_bert.pruning import GradualMagnitudePruner
+from tiny_sparse_bert.recovery import FLOOR_MARGIN, all_intervals
+from tiny_sparse_bert.runtime import Runtime, start_up, wrap_ddp
+from tiny_sparse_bert.train import make_optimizer, train
+from tiny_sparse_bert.transfer import (check_arguments, claim_runs, evaluate, failed_run, finetune_models, head_model,
+                                       load_encoder, load_task_data, results_table, seeds_for,
+                                       stop_quietly_until_the_first_run, training_batches, write_results)
 
 
 @dataclass
-class Config:
+class Config(RunOptions):     # + data, device, compile, precision, overwrite (config.py)
     models: str = "out/general-dense,out/general-sparse90,out/bio-dense,out/bio-sparse90"  # checkpoint dirs
     random_baseline: bool = True   # also fine-tune a randomly initialised model of the same size
     tasks: str = "ncbi_disease,bc5cdr_chem,chemprot"  # names, ner:DIR or cls:DIR (comma-separated); hoc is
                                    # left out by default: no model learns it in this budget (docs/finetuning.md)
-    data: str = "data"
-    out: str = "out/finetune"
+    out: str = "out/finetune"      # writes results.md, results.json and runs.json (every finished run)
     seeds: int = 3                 # runs per (model, task, recipe) of the --seeded models: mean ± std
     seeded: str = "bio-dense,bio-sparse90"  # the comparison that gets --seeds runs ("all": every model)
     other_seeds: int = 1           # runs of the other rows (general models, random init): cheaper, noisier
@@ -66,20 +60,16 @@ class Config:
     distill_hardness: str = "0"    # sparse models: weight of the soft loss from the dense teacher (1 = soft
                                    # only, 0 = none); a grid (0,1) is searched on dev too. Off by default:
                                    # at 5 epochs it no longer pays (docs/ladder.md, row U), and costs 12 runs
-    distill_temperature: float = 2.0
-    batch_size: int = 32
-    warmup: float = 0.1
-    weight_decay: float = 0.01
+    distill_temperature: float = 2.0  # softmax temperature of the distillation loss
+    batch_size: int = 32           # examples per step
+    warmup: float = 0.1            # fraction of a run's steps spent warming up the learning rate
+    weight_decay: float = 0.01     # AdamW's, on matrices only (BERT)
     dropout: float = 0.1           # BERT's fine-tuning dropout
     max_len: int = 128             # word pieces per example (longer ones are truncated)
     max_train: int = 2000          # training examples per task (0 = all)
     max_eval: int = 1000           # dev examples per task (0 = all): dev is scored after every epoch
     max_test: int = 0              # test examples per task (0 = all: the narrowest interval on recovery)
     prune_during_finetune: float = 0.0  # ablation: prune dense models with GMP to this sparsity while fine-tuning
-    device: str = "auto"           # auto (cuda, then mps, then cpu) | cpu | cuda | cuda:N | mps
-    compile: bool = False         # torch.compile the model (worth it on a GPU)
-    precision: str = "auto"        # auto (bf16 on CUDA and CPUs with bf16 dot products, else fp32) | bf16 | fp32
-    overwrite: bool = False        # start over, removing the runs already finished in --out
 
 
 BOOKKEEPING = ("out", "device", "compile", "precision", "overwrite")  # what may change when a run continues
@@ -99,46 +89,17 @@ PRESETS = {
 preset, cfg = parse_config(Config, PRESETS, __doc__.splitlines()[0])
 
 
-def stopped_at_start_up(signum, frame):  # Ctrl-C (or a scheduler's stop) while data and models load
-    print("stopped before the first run: nothing to keep")
-    raise SystemExit(130)
-
-
-signal.signal(signal.SIGINT, stopped_at_start_up)
-signal.signal(signal.SIGTERM, stopped_at_start_up)
+stop_quietly_until_the_first_run()  # Ctrl-C while data and models load: one line, nothing to keep
 check_options(cfg, positive=("seeds", "other_seeds", "search_seeds", "batch_size", "max_len",
                              "distill_temperature"),
               non_negative=("max_train", "max_eval", "max_test", "weight_decay"), fraction=("warmup",),
               below_one=("dropout", "prune_during_finetune"), at_least=(("max_len", 3),))
 
 
-recipes = [(epochs, lr) for epochs in grid("epochs", cfg.epochs) for lr in grid("lr", cfg.lr)]
-fallback = [(epochs, lr, 0.0) for epochs in grid("epochs", cfg.epochs) for lr in
-            (grid("lr-fallback", cfg.lr_fallback) if cfg.lr_fallback else [])]
-hardness_grid = grid("distill-hardness", cfg.distill_hardness)
-distilling = any(h > 0 for h in hardness_grid)
-model_dirs = [m for m in cfg.models.split(",") if m]
-tasks = [get_task(t) for t in cfg.tasks.split(",") if t]
-check_names(model_dirs, tasks, cfg.random_baseline, cfg.seeded)
-for directory in model_dirs:  # arguments first, before any data is read
-    check_run_dir(directory, "--models", "train_general.py or train_bio.py")
-check_writable(cfg.out)
-rank, world, device = setup_distributed(cfg.device)  # one process, or one of `torchrun --nproc_per_node N`
-bf16 = use_bf16(device, cfg.precision)
-if rank != 0:
-    sys.stdout = open(os.devnull, "w")  # only rank 0 prints and writes files
-print(f"config (preset {preset}, {world} process{'es' if world > 1 else ''} on {device}, precision: "
-      f"{precision_name(device, bf16)}): {asdict(cfg)}")
-note_gpu_preset(preset, device)
+model_dirs, tasks = check_arguments(cfg)  # grids, names, directories: before any data is read
+rank, world, device, bf16 = start_up(cfg, preset)  # prints the config; only rank 0 prints from here on
 seeds_of = lambda name: seeds_for(name, cfg.seeded, cfg.seeds, cfg.other_seeds)
-settings = {k: v for k, v in asdict(cfg).items() if k not in BOOKKEEPING}
-settings["checkpoints"] = {d: file_sha256(os.path.join(d, "ckpt.pt")) for d in model_dirs}  # the exact models
-if rank == 0:  # runs already in --out: continued when this is the command that made them, else refused
-    claim_out_dir(cfg.out, settings, cfg.overwrite)
-barrier(world)
-finished = recorded_runs(cfg.out)[1]  # "model | task | recipe | seed" -> run
-if finished:
-    print(f"{len(finished)} runs already finished in {cfg.out}/{RUNS_FILE}: not run again")
+settings, finished = claim_runs(cfg, BOOKKEEPING, model_dirs, rank, world)  # runs already in --out
 t_start = time.time()
 
 # %% 2) data: each task's splits, read and checked once (encoded per tokenizer in 5)
@@ -154,7 +115,7 @@ if cfg.random_baseline:
 
 
 # %% 4) one fine-tuning run: a task head on the encoder, the pretrained zeros kept, the best dev epoch kept
-def finetune_run(task, mlm, sparse, encoded, epochs, lr, seed, teacher=None, hardness=0.0):
+def finetune_run(task, mlm, sparse, encoded, epochs, lr, seed, teacher=None, hardness=0.0, dev_floor=0.0):
     """Fine-tune one model once; return its dev-selected weights and scores (dev after every epoch)."""
     names = labels[task.name]
     steps_per_epoch = max(1, len(encoded["train"]) // cfg.batch_size)
@@ -162,9 +123,9 @@ def finetune_run(task, mlm, sparse, encoded, epochs, lr, seed, teacher=None, har
     torch.manual_seed(seed)
     model = head_model(task, mlm, len(names), cfg.dropout).to(device)
     if sparse:
-        pruner = MagnitudePruner.from_sparse_model(model)  # the pretrained zeros stay zero
+        pruner = GradualMagnitudePruner.from_sparse_model(model)  # the pretrained zeros stay zero
     elif cfg.prune_during_finetune > 0:
-        pruner = MagnitudePruner(model, cfg.prune_during_finetune, 0, int(0.7 * steps), max(1, steps // 50))
+        pruner = GradualMagnitudePruner(model, cfg.prune_during_finetune, 0, int(0.7 * steps), max(1, steps // 50))
     else:
         pruner = None
     batch_fn, mean_labelled = training_batches(task, encoded["train"], cfg.batch_size, steps_per_epoch,
@@ -195,91 +156,17 @@ def finetune_run(task, mlm, sparse, encoded, epochs, lr, seed, teacher=None, har
         assert all(torch.equal(w != 0, pruner.masks[n]) for n, w in pruner.params.items()), "mask changed"
     test, counts = evaluate(model, task, encoded["test"], names, device, bf16, best["threshold"], counts=True)
     run.update(dev=best["dev"], dev_curve=best["dev_curve"], test=test[task.metric], test_metrics=test,
-               at_floor=best["dev"] <= floors[task.name]["dev"] + FLOOR_MARGIN,  # learned nothing on dev
+               at_floor=best["dev"] <= dev_floor + FLOOR_MARGIN,  # learned nothing on dev
                test_counts=counts.tolist())  # per test example: what the bootstrap resamples
     if pruner and not pruner.frozen:
         run["pruned_in_finetune"] = pruner.sparsity()
     return run, best["state"]
 
 
-# %% 5) every model on every task: the same recipe grid and seeds for all (dense models first: they teach)
-# Each finished run went to --out/runs.json at once (1); the same command run again skips what it holds.
-names_in_run = [name for name, *_ in encoders]
-results = {name: {} for name in names_in_run}  # name -> task -> {"recipe": (epochs, lr, hardness), "runs": [...]}
-info, teachers = {}, {}  # teachers[(dense model, task)] = its fine-tuned weights (or their file) per seed
-floors = {}  # task -> {"dev": score, "test": score} of predicting the commonest training label
-encodings = {}  # encoded once per tokenizer and task (the checkpoints of one run share a tokenizer)
-
-
-def finetune_model(name, mlm, sparse, tokenizer):
-    info[name] = encoder_info(mlm, sparse)
-    is_teacher = distilling and name in map(dense_counterpart, names_in_run)
-    teacher_name = dense_counterpart(name) if distilling and sparse else None
-    if teacher_name and teacher_name not in names_in_run:
-        print(f"note: {name} is fine-tuned without distillation: its teacher {teacher_name} is not in --models")
-        teacher_name = None
-    info[name]["teacher"] = teacher_name
-    model_recipes = [(e, lr, h) for e, lr in recipes for h in (hardness_grid if teacher_name else [0.0])]
-    for task in tasks:
-        key = (tokenizer.to_str(), task.name)
-        if key not in encodings:
-            encodings[key] = {s: encode(task, ex, tokenizer, labels[task.name], cfg.max_len)
-                              for s, ex in splits[task.name].items()}
-            floors.setdefault(task.name, {s: floor_score(task, encodings[key]["train"], encodings[key][s],
-                                                         labels[task.name]) for s in ("dev", "test")})
-        states = {}
-
-        def run_seed(recipe, seed):
-            epochs, lr, hardness = recipe
-            state_file = os.path.join(cfg.out, "teachers", name, task.name, f"{epochs:g}-{lr:g}-{seed}.pt")
-            run_id = run_key(name, task.name, *recipe, seed)
-            if run_id in finished:  # an earlier process finished it; a teacher's weights were saved with it
-                run, state = finished[run_id], state_file
-            else:
-                teacher = None
-                if hardness > 0:  # the dense counterpart fine-tuned with this seed, frozen, in eval mode
-                    weights = teachers.get((teacher_name, task.name), [None] * (seed + 1))[seed]
-                    weights = load_checkpoint(weights)["model"] if isinstance(weights, str) else weights
-                    teacher = weights and head_model(task, mlm, len(labels[task.name]), cfg.dropout, weights)
-                    teacher = teacher and teacher.to(device).eval().requires_grad_(False)
-                if hardness > 0 and teacher is None:
-                    run, state = failed_run(*recipe, seed, "its teacher's run failed"), None
-                else:
-                    run, state = finetune_run(task, mlm, sparse, encodings[key], epochs, lr, seed, teacher, hardness)
-                if rank == 0 and is_teacher and state is not None:
-                    save_checkpoint(state_file, model=state)
-                finished[run_id] = run
-                if rank == 0:
-                    save_runs(cfg.out, settings, finished)
-                print(run_summary(name, task, run))
-            if is_teacher:
-                states[(epochs, lr, seed)] = state
-            return run
-
-        dense_recipe = results.get(dense_counterpart(name), {}).get(task.name, {}).get("recipe")
-        shared = dense_recipe if cfg.shared_recipe and sparse and seeds_of(name) == cfg.seeds else None
-        recipe, runs = search_recipes(run_seed, model_recipes, fallback, cfg.search_seeds, seeds_of(name), shared,
-                                      say=lambda text: print(f"note: {name} / {task.name}: {text}"))
-        results[name][task.name] = {"recipe": recipe, "runs": runs}
-        if is_teacher and recipe:
-            teachers[(name, task.name)] = [states[(*recipe[:2], seed)] for seed in range(seeds_of(name))]
-    if sparse:
-        info[name]["mask_unchanged"] = True  # checked after every run
-    if cfg.prune_during_finetune > 0 and not sparse:
-        info[name]["pruned_in_finetune"] = cfg.prune_during_finetune
-
-
-signal.signal(signal.SIGINT, signal.default_int_handler)  # from here on, a stop keeps the finished runs
-signal.signal(signal.SIGTERM, signal.default_int_handler)  # a batch scheduler's stop: as Ctrl-C
-try:
-    for encoder in sorted(encoders, key=lambda e: e[2]):
-        finetune_model(*encoder)
-except (KeyboardInterrupt, SystemExit) as e:  # train() exits with 130 after Ctrl-C
-    if isinstance(e, SystemExit) and e.code != 130:
-        raise
-    print(f"stopped: {len(finished)} finished runs are kept in {cfg.out}/{RUNS_FILE}; run the same command again "
-          f"to continue (--overwrite starts over)")
-    raise SystemExit(130) from None
+# %% 5) every model on every task: the same recipe grid and seeds for all (transfer.finetune_models);
+# each finished run goes to --out/runs.json at once, and the same command run again skips what it holds
+results, info, floors = finetune_models(encoders, tasks, splits, labels, finetune_run, cfg, finished, settings,
+                                        device, rank)  # Ctrl-C keeps the finished runs
 
 # %% 6) the comparison table, and recovery with a 95% interval (bootstrap over test examples and seeds)
 table, chosen = results_table(results, info, tasks, seeds_of, floors)

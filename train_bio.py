@@ -16,51 +16,31 @@ Run it cell by cell (`# %%`) in an editor, or top to bottom.
 """
 # %% 1) config
 import os
-import sys
 import time
 from dataclasses import asdict, dataclass
 
 import torch
 
-from tiny_sparse_bert.config import (check_options, check_run_dir, claim_run_dir, load_run, note_gpu_preset, parse_config,
+from tiny_sparse_bert.bookkeeping import Checkpoints, Reporting, file_sha256, resume
+from tiny_sparse_bert.config import (PRETRAIN_BOOKKEEPING, PretrainOptions, check_options, check_pretrain_options,
+                                     check_run_dir, claim_run_dir, load_run, parse_config, remove_run_files,
                                      save_run_files)
-from tiny_sparse_bert.data import Blocks, file_sha256
+from tiny_sparse_bert.data import Blocks, mlm_batch, static_predictions
+from tiny_sparse_bert.evaluation import held_out_line, mlm_corpora
 from tiny_sparse_bert.model import BertConfig, BertForMaskedLM
-from tiny_sparse_bert.pruning import MagnitudePruner
-from tiny_sparse_bert.train import (Checkpoints, Reporting, Runtime, held_out_line, make_optimizer,
-                                    mlm_batch, mlm_corpora, resume, setup_distributed, static_predictions, train,
-                                    precision_name, use_bf16, wrap_ddp)
+from tiny_sparse_bert.pruning import GradualMagnitudePruner
+from tiny_sparse_bert.runtime import Runtime, start_up, wrap_ddp
+from tiny_sparse_bert.train import make_optimizer, train
 
 
 @dataclass
-class Config:
+class Config(PretrainOptions):     # + data, seq_len, batch_size, mlm_prob, warmup, ... (config.py)
     init: str = "out/general-sparse90"  # a directory written by train_general.py
     out: str = ""                  # default: the init's name with general -> bio (out/bio-sparse90), else bio-NAME
-    data: str = "data"
-    max_docs: int = 0              # use only the first N documents of each corpus (0 = all)
-    seq_len: int = 128
-    batch_size: int = 32
-    mlm_prob: float = 0.4          # as in train_general.py (BERT: 0.15)
-    steps: int = 900
-    lr: float = 1e-3
-    warmup: float = 0.06
-    weight_decay: float = 0.01
-    eval_batches: int = 20
-    eval_every: int = 300
-    log_every: int = 50
-    ckpt_every: int = 250
-    seed: int = 0
-    device: str = "auto"           # auto (cuda, then mps, then cpu) | cpu | cuda | cuda:N | mps
-    compile: bool = False         # torch.compile the model (worth it on a GPU)
-    static_mlm: bool = False       # a fixed number of MLM predictions per batch: static shapes for --compile
-    precision: str = "auto"        # auto (bf16 on CUDA and CPUs with bf16 dot products, else fp32) | bf16 | fp32
-    resume: bool = False           # continue the run in --out (after Ctrl-C, a crash, a NaN)
-    overwrite: bool = False        # start over, replacing the run in --out (it is refused otherwise)
+    steps: int = 900               # steps of continued pretraining on biomedical text
+    lr: float = 1e-3               # peak learning rate
+    eval_every: int = 300          # steps between held-out evaluations (0 = at the end only)
 
-
-# what may change when resuming a finished run (check_resume_config)
-BOOKKEEPING = ("out", "eval_batches", "eval_every", "log_every", "ckpt_every", "device", "compile", "static_mlm",
-               "precision", "resume", "overwrite")
 
 PRESETS = {
     "default": {},
@@ -73,9 +53,8 @@ PRESETS = {
 }
 
 preset, cfg = parse_config(Config, PRESETS, __doc__.splitlines()[0])
-check_options(cfg, positive=("seq_len", "batch_size", "steps", "lr", "eval_batches", "log_every", "mlm_prob"),
-              non_negative=("max_docs", "weight_decay", "eval_every", "ckpt_every"), fraction=("warmup",),
-              below_one=("mlm_prob",), at_least=(("seq_len", 3),))
+check_pretrain_options(cfg)
+check_options(cfg, positive=("steps", "lr"))
 check_run_dir(cfg.init, "--init", "train_general.py")  # arguments first: the corpora take a while
 init_name = os.path.basename(os.path.normpath(cfg.init))
 out_dir = cfg.out or os.path.join(os.path.dirname(os.path.normpath(cfg.init)),
@@ -83,20 +62,12 @@ out_dir = cfg.out or os.path.join(os.path.dirname(os.path.normpath(cfg.init)),
 if os.path.abspath(out_dir) == os.path.abspath(cfg.init):
     raise SystemExit(f"error: --out {out_dir} is the --init directory; choose another --out")
 ckpt_path, record_path = os.path.join(out_dir, "ckpt.pt"), os.path.join(out_dir, "record.jsonl")
-claim_run_dir(cfg, out_dir, [(ckpt_path, BOOKKEEPING, "steps")])  # an earlier run: --resume, --overwrite, or refused
+claim_run_dir(cfg, out_dir, [(ckpt_path, PRETRAIN_BOOKKEEPING, "steps")])  # an earlier run: --resume, --overwrite
 init, tokenizer = load_run(cfg.init, "--init", "train_general.py")  # finished, with its own tokenizer
 torch.manual_seed(cfg.seed)
-rank, world, device = setup_distributed(cfg.device)  # one process, or one of `torchrun --nproc_per_node N`
-bf16 = use_bf16(device, cfg.precision)
-if rank != 0:
-    sys.stdout = open(os.devnull, "w")  # only rank 0 prints, evaluates and writes files
+rank, world, device, bf16 = start_up(cfg, preset)  # prints the config; only rank 0 prints from here on
 if cfg.overwrite and rank == 0:  # every file of the run being replaced
-    for path in (ckpt_path, record_path, os.path.join(out_dir, "config.json"), os.path.join(out_dir, "tokenizer.json")):
-        if os.path.exists(path):
-            os.remove(path)
-print(f"config (preset {preset}, {world} process{'es' if world > 1 else ''} on {device}, precision: "
-      f"{precision_name(device, bf16)}): {asdict(cfg)}")
-note_gpu_preset(preset, device)
+    remove_run_files([out_dir])
 t_start = time.time()
 
 # %% 2) data: the general checkpoint's tokenizer on the biomedical corpus
@@ -119,8 +90,7 @@ model_config = BertConfig(**init["model_config"])
 model = BertForMaskedLM(model_config).to(device)
 model.load_state_dict(init["model"])
 sparse = init.get("pruner") is not None
-pruner = MagnitudePruner.from_sparse_model(model) if sparse else None
-ddp_model = wrap_ddp(model, device, world)  # None for a single process
+pruner = GradualMagnitudePruner.from_sparse_model(model) if sparse else None
 start_masks = {n: m.clone() for n, m in pruner.masks.items()} if sparse else None
 print(f"init {cfg.init}: " + (f"sparse, {pruner.sparsity():.1%} of encoder weights zero, mask frozen" if sparse
                              else "dense, trained without masks"))
@@ -142,7 +112,7 @@ train(model, optimizer, lambda step: mlm_batch(blocks, step, cfg.mlm_prob, vocab
                        run_config=asdict(cfg), phase="bio", init=cfg.init, tokenizer="tokenizer.json",
                        tokenizer_sha256=tokenizer_sha256)),
       report=Reporting(cfg.log_every, lambda step: evaluate(model, "bio", step), cfg.eval_every, record_path),
-      runtime=Runtime(device, ddp_model, rank == 0, cfg.compile, cfg.static_mlm, bf16))
+      runtime=Runtime(device, wrap_ddp(model, device, world), rank == 0, cfg.compile, cfg.static_mlm, bf16))
 if rank == 0:
     save_run_files(out_dir, tokenizer, cfg)
 
@@ -152,7 +122,7 @@ print(f"\nheld-out MLM ({cfg.eval_batches} batches of {cfg.batch_size} x {cfg.se
 for d in held_out:
     print(f"  before  {before[d]}\n  after   {after[d]}")
 if sparse:
-    final = MagnitudePruner.from_sparse_model(model).masks
+    final = GradualMagnitudePruner.from_sparse_model(model).masks
     assert all(torch.equal(final[n], start_masks[n]) for n in final), "the sparsity pattern changed"
     print(f"sparsity pattern unchanged: {pruner.sparsity():.2%} of encoder weights zero, the same ones as at the start")
 print(f"\ntraining {(time.time() - t_train) / 60:.1f} min, total {(time.time() - t_start) / 60:.1f} min")

@@ -17,88 +17,65 @@ Run it cell by cell (`# %%`) in an editor, or top to bottom.
 # %% 1) config
 import glob
 import os
-import sys
 import time
 from dataclasses import asdict, dataclass
 
 import torch
 
-from tiny_sparse_bert.config import check_options, claim_run_dir, note_gpu_preset, parse_config, save_run_files
-from tiny_sparse_bert.data import Blocks, corpus_files, documents, file_sha256, load_tokenizer, train_tokenizer
+from tiny_sparse_bert.bookkeeping import Checkpoints, Reporting, file_sha256, resume
+from tiny_sparse_bert.config import (PRETRAIN_BOOKKEEPING, PretrainOptions, check_model_and_pruning, check_options,
+                                     check_pretrain_options, claim_run_dir, load_run_tokenizer, parse_config,
+                                     remove_run_files, save_run_files)
+from tiny_sparse_bert.data import Blocks, corpus_files, documents, mlm_batch, static_predictions, train_tokenizer
+from tiny_sparse_bert.distillation import Distillation, frozen_copy
+from tiny_sparse_bert.evaluation import held_out_line, mlm_corpora
 from tiny_sparse_bert.model import BertConfig, BertForMaskedLM, count_parameters
-from tiny_sparse_bert.pruning import SCORES, MagnitudePruner, parse_pattern
-from tiny_sparse_bert.train import (Checkpoints, Distillation, Reporting, Runtime, barrier, held_out_line,
-                                    make_optimizer, mlm_batch, mlm_corpora, resume, setup_distributed,
-                                    precision_name, static_predictions, train, use_bf16, wrap_ddp)
+from tiny_sparse_bert.pruning_lab import make_pruner
+from tiny_sparse_bert.runtime import Runtime, barrier, start_up, wrap_ddp
+from tiny_sparse_bert.train import make_optimizer, train
 
 
 @dataclass
-class Config:
-    data: str = "data"             # prepared corpora (python data/prepare.py)
+class Config(PretrainOptions):     # + data, out, seq_len, batch_size, mlm_prob, warmup, ... (config.py)
     out: str = "out"               # writes out/tokenizer.json, out/general-dense/, out/general-sparse90/
-    max_docs: int = 0              # use only the first N documents of each corpus (0 = all)
     # model: BertConfig (paper names L = n_layer, H = hidden, A = n_head)
-    vocab_size: int = 8192
-    n_layer: int = 4
-    hidden: int = 256
-    n_head: int = 4
-    intermediate: int = 1024
-    dropout: float = 0.0           # NOTE(deviation): BERT uses 0.1; none while pretraining (Cramming, Geiping & Goldstein 2022)
-    pre_norm: bool = False
+    vocab_size: int = 8192         # WordPiece vocabulary, trained on the general corpus
+    n_layer: int = 4               # L, encoder layers
+    hidden: int = 256              # H, hidden size
+    n_head: int = 4                # A, attention heads
+    intermediate: int = 1024       # feed-forward size (4 H, as BERT)
+    dropout: float = 0.0           # NOTE(deviation): BERT uses 0.1; none while pretraining (Cramming, 2022)
+    pre_norm: bool = False         # LayerNorm before each block (Xiong et al. 2020) instead of BERT's after
     alibi: bool = True             # NOTE(deviation): attention distance bias (ALiBi, Press et al. 2022; MosaicBERT)
-    # masked-language-model data
-    seq_len: int = 128
-    batch_size: int = 32
-    mlm_prob: float = 0.4          # NOTE(deviation): BERT 3.1 masks 15%; 40% learns faster (Wettig et al. 2022)
     # phase 1: dense pretraining
-    dense_steps: int = 2700
-    lr: float = 2e-3
-    warmup: float = 0.06           # fraction of a phase's steps spent warming up the learning rate
-    weight_decay: float = 0.01
+    dense_steps: int = 2700        # steps of phase 1
+    lr: float = 2e-3               # peak learning rate of phase 1
     # phase 2: gradual magnitude pruning (Zhu & Gupta 2017)
-    prune_steps: int = 1300
-    prune_lr: float = 1e-3
-    final_sparsity: float = 0.9
+    prune_steps: int = 1300        # steps of phase 2
+    prune_lr: float = 1e-3         # peak learning rate of phase 2
+    final_sparsity: float = 0.9    # fraction of zeros in every prunable tensor at the end
     prune_begin: float = 0.0       # fraction of phase 2 where pruning starts ...
     prune_end: float = 0.7         # ... and where it reaches final_sparsity (the rest recovers)
     prune_every: int = 50          # steps between mask updates
     global_pruning: bool = False   # one threshold across all layers instead of per tensor
-    prune_score: str = "magnitude"  # magnitude (the paper's) | random | movement (pruning.py: the pruning lab)
+    prune_score: str = "magnitude"  # magnitude (the paper's) | random | movement (the pruning lab: pruning_lab.py)
     prune_pattern: str = "unstructured"  # unstructured | RxC blocks, e.g. 4x4 | neurons (whole neurons)
     distill: float = 0.0           # weight of the KL to the dense model during pruning (0 = off)
-    distill_temperature: float = 2.0
-    # bookkeeping
-    eval_batches: int = 20         # held-out batches per evaluation
-    eval_every: int = 650
-    log_every: int = 50
-    ckpt_every: int = 250
-    seed: int = 0
-    device: str = "auto"           # auto (cuda, then mps, then cpu) | cpu | cuda | cuda:N | mps
-    compile: bool = False         # torch.compile the model (worth it on a GPU)
-    static_mlm: bool = False       # a fixed number of MLM predictions per batch: static shapes for --compile
-    precision: str = "auto"        # auto (bf16 on CUDA and CPUs with bf16 dot products, else fp32) | bf16 | fp32
-    resume: bool = False           # continue the run in --out (after Ctrl-C, a crash, a NaN)
-    overwrite: bool = False        # start over, replacing the run in --out (it is refused otherwise)
+    distill_temperature: float = 2.0  # softmax temperature of the distillation loss
 
 
-# What may change when resuming a finished phase: bookkeeping, and for phase 1 the settings of phase 2
-# (check_resume_config; an unfinished phase may change more, and says so).
-BOOKKEEPING = ("out", "eval_batches", "eval_every", "log_every", "ckpt_every", "device", "compile", "static_mlm",
-               "precision", "resume", "overwrite")
+# What else may change when resuming a finished phase 1: the settings of phase 2 (an unfinished
+# phase may change more, and says so: config.check_resume_config)
 PHASE2 = ("prune_steps", "prune_lr", "final_sparsity", "prune_begin", "prune_end", "prune_every", "global_pruning",
-          "prune_score", "prune_pattern",
-          "distill", "distill_temperature")
+          "prune_score", "prune_pattern", "distill", "distill_temperature")
 
 PRESETS = {
     "default": {},
     "tiny": dict(max_docs=300, vocab_size=1000, n_layer=2, hidden=64, n_head=2, intermediate=128, seq_len=64,
                  batch_size=8, dense_steps=30, prune_steps=30, prune_every=5, eval_batches=2, eval_every=0,
                  log_every=10, ckpt_every=10),
-    # the whole story within a class (17 minutes with the other scripts' lab presets on a 2-core CPU):
-    # the default model, 44% of the dense steps and 31% of the pruning steps at half the batch, so a
-    # fifth of its tokens (docs/flow-time.md). Batch 16: at equal tokens it learned more than batch 32
-    # (held-out 5.13 against 5.58 nats) and ran 2.1x faster per step. A long warm-up: reaching lr 2e-3
-    # within 30 steps left the model on the unigram plateau for good (6.96 nats after 500 steps)
+    # the whole story within a class (17 minutes with the other lab presets): the default model at a fifth
+    # of its tokens; why batch 16 and a long warm-up: docs/flow-time.md
     "lab": dict(out="out-lab", batch_size=16, dense_steps=1200, warmup=0.25, prune_steps=400, prune_every=20,
                 eval_every=0, eval_batches=40),
     "gpu": dict(n_layer=6, hidden=512, n_head=8, intermediate=2048, batch_size=128, dense_steps=6000,
@@ -110,61 +87,35 @@ PRESETS = {
 }
 
 preset, cfg = parse_config(Config, PRESETS, __doc__.splitlines()[0])
-check_options(cfg, positive=("vocab_size", "n_layer", "hidden", "n_head", "intermediate", "seq_len", "batch_size",
-                             "dense_steps", "prune_steps", "lr", "prune_lr", "prune_every", "eval_batches",
-                             "log_every", "distill_temperature", "mlm_prob"),
-              non_negative=("max_docs", "weight_decay", "eval_every", "ckpt_every"),
-              fraction=("warmup", "prune_begin", "prune_end", "distill"),
-              below_one=("final_sparsity", "dropout", "mlm_prob"), at_least=(("seq_len", 3),))
-if cfg.hidden % cfg.n_head:
-    raise SystemExit(f"error: --hidden {cfg.hidden} is not divisible by --n-head {cfg.n_head} (each head gets "
-                     f"hidden / n_head dimensions)")
-if cfg.prune_score not in SCORES:
-    raise SystemExit(f"error: --prune-score {cfg.prune_score!r}: use {', '.join(SCORES)}")
-parse_pattern(cfg.prune_pattern)  # unstructured, neurons or RxC
-if cfg.prune_begin >= cfg.prune_end:
-    raise SystemExit(f"error: --prune-begin {cfg.prune_begin} must be below --prune-end {cfg.prune_end}")
+check_pretrain_options(cfg)
+check_options(cfg, positive=("vocab_size", "n_layer", "hidden", "n_head", "intermediate", "dense_steps",
+                             "prune_steps", "lr", "prune_lr", "prune_every", "distill_temperature"),
+              fraction=("prune_begin", "prune_end", "distill"), below_one=("final_sparsity", "dropout"))
+check_model_and_pruning(cfg)  # heads divide the hidden size, a known score and pattern, begin < end
 torch.manual_seed(cfg.seed)
-rank, world, device = setup_distributed(cfg.device)  # one process, or one of `torchrun --nproc_per_node N`
-bf16 = use_bf16(device, cfg.precision)
-if rank != 0:
-    sys.stdout = open(os.devnull, "w")  # only rank 0 prints, evaluates and writes files
+rank, world, device, bf16 = start_up(cfg, preset)  # prints the config; only rank 0 prints from here on
 sparse_name = f"general-sparse{round(cfg.final_sparsity * 100)}"
 dense_dir, sparse_dir = os.path.join(cfg.out, "general-dense"), os.path.join(cfg.out, sparse_name)
 dense_ckpt, sparse_ckpt = os.path.join(dense_dir, "ckpt.pt"), os.path.join(sparse_dir, "ckpt.pt")
 dense_record, sparse_record = os.path.join(dense_dir, "record.jsonl"), os.path.join(sparse_dir, "record.jsonl")
-print(f"config (preset {preset}, {world} process{'es' if world > 1 else ''} on {device}, precision: "
-      f"{precision_name(device, bf16)}): {asdict(cfg)}")
-note_gpu_preset(preset, device)
 t_start = time.time()
 
 # an earlier run in --out is continued (--resume), replaced (--overwrite), or left alone
-existing = claim_run_dir(cfg, cfg.out, [(dense_ckpt, BOOKKEEPING + PHASE2, "dense_steps"),
-                                        (sparse_ckpt, BOOKKEEPING, "prune_steps")])
+existing = claim_run_dir(cfg, cfg.out, [(dense_ckpt, PRETRAIN_BOOKKEEPING + PHASE2, "dense_steps"),
+                                        (sparse_ckpt, PRETRAIN_BOOKKEEPING, "prune_steps")])
 if cfg.overwrite and rank == 0:  # every file of the old run; a new dense model makes every sparse one stale
-    for run_dir in [dense_dir] + glob.glob(os.path.join(cfg.out, "general-sparse*")):
-        for name in ("ckpt.pt", "record.jsonl", "config.json", "tokenizer.json"):
-            if os.path.exists(os.path.join(run_dir, name)):
-                os.remove(os.path.join(run_dir, name))
+    remove_run_files([dense_dir] + glob.glob(os.path.join(cfg.out, "general-sparse*")))
 barrier(world)
 
 # %% 2) data: WordPiece tokenizer on the general corpus, then one cached token array per corpus
 general_files = corpus_files(cfg.data, "general")
 tokenizer_path = os.path.join(cfg.out, "tokenizer.json")
 resuming = cfg.resume and existing  # a resumed run keeps the tokenizer its checkpoints were trained with
-if resuming and not os.path.exists(tokenizer_path):
-    raise SystemExit(f"error: --resume needs {tokenizer_path}, the run's tokenizer; copy it back (each finished model "
-                     f"directory holds a copy, e.g. {dense_dir}/tokenizer.json)")
 if rank == 0 and not resuming:
     print(f"training a {cfg.vocab_size}-token WordPiece tokenizer -> {tokenizer_path}")
     train_tokenizer(list(documents(general_files, cfg.max_docs or None)), cfg.vocab_size, tokenizer_path)
 barrier(world)  # the other ranks wait for rank 0's tokenizer
-tokenizer = load_tokenizer(tokenizer_path)
-if tokenizer.get_vocab_size() != cfg.vocab_size:
-    raise SystemExit(f"error: {tokenizer_path} has {tokenizer.get_vocab_size()} pieces, --vocab-size asks for "
-                     f"{cfg.vocab_size}: " + ("not this run's tokenizer (copy the run's own back)" if resuming else
-                                              "the corpus gives no more pieces than that, or needs more (its "
-                                              "characters and the special tokens); choose another --vocab-size"))
+tokenizer = load_run_tokenizer(tokenizer_path, cfg.vocab_size, resuming, dense_dir)
 tokenizer_sha256 = file_sha256(tokenizer_path)
 corpora = mlm_corpora(cfg.data, tokenizer, cfg.seq_len, cfg.batch_size, cfg.max_docs, rank, world)
 general_train = corpora["general"][0]
@@ -190,8 +141,7 @@ model_config = BertConfig(vocab_size=cfg.vocab_size, n_layer=cfg.n_layer, hidden
                           intermediate=cfg.intermediate, max_position=max(512, cfg.seq_len),
                           dropout=cfg.dropout, pre_norm=cfg.pre_norm, alibi=cfg.alibi)
 model = BertForMaskedLM(model_config).to(device)
-ddp_model = wrap_ddp(model, device, world)  # None for a single process
-runtime = Runtime(device, ddp_model, rank == 0, cfg.compile, cfg.static_mlm, bf16)
+runtime = Runtime(device, wrap_ddp(model, device, world), rank == 0, cfg.compile, cfg.static_mlm, bf16)
 print(f"model: {count_parameters(model):,} parameters; {model_config}")
 state = dict(model_config=asdict(model_config), run_config=asdict(cfg), tokenizer="tokenizer.json",
              tokenizer_sha256=tokenizer_sha256)  # the tokenizer is tied to the checkpoint (config.load_run)
@@ -214,14 +164,10 @@ dense_eval = {d: evaluate(model, d, cfg.dense_steps, dense_record) for d in held
 print(f"dense model after {dense_minutes:.1f} min: {dense_eval['general']}")
 
 # %% 5) phase 2: gradual magnitude pruning to final_sparsity, starting from the dense model
-teacher = None
-if cfg.distill > 0:  # the dense model, frozen, as a teacher for the soft targets
-    teacher = BertForMaskedLM(model_config).to(device).eval()
-    teacher.load_state_dict(model.state_dict())
-    teacher.requires_grad_(False)
+teacher = frozen_copy(model) if cfg.distill > 0 else None  # the dense model, as a teacher for soft targets
 begin, end = int(cfg.prune_begin * cfg.prune_steps), int(cfg.prune_end * cfg.prune_steps)
-pruner = MagnitudePruner(model, cfg.final_sparsity, begin, end, cfg.prune_every, global_=cfg.global_pruning,
-                         score=cfg.prune_score, pattern=cfg.prune_pattern)
+pruner = make_pruner(model, cfg.final_sparsity, begin, end, cfg.prune_every, global_=cfg.global_pruning,
+                     score=cfg.prune_score, pattern=cfg.prune_pattern)  # pruning.GradualMagnitudePruner by default
 print(f"\nphase 2: GMP to {cfg.final_sparsity:.0%} sparsity, cubic schedule over steps {begin}-{end} of "
       f"{cfg.prune_steps}, masks updated every {cfg.prune_every} steps, lr {cfg.prune_lr}; score {cfg.prune_score}, "
       f"pattern {cfg.prune_pattern}, {'one global threshold' if cfg.global_pruning else 'a threshold per tensor'}"

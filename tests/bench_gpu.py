@@ -17,11 +17,13 @@ import numpy as np
 import torch
 
 from conftest import ROOT  # noqa: F401  (puts the repository on sys.path)
-from tiny_sparse_bert.data import NUM_SPECIAL, Blocks
+from tiny_sparse_bert.data import Blocks, NUM_SPECIAL
 from tiny_sparse_bert.model import BertConfig, BertForMaskedLM
-from tiny_sparse_bert.pruning import MagnitudePruner
-from tiny_sparse_bert.train import (Checkpoints, Reporting, Runtime, make_optimizer, mlm_batch, pick_device,
-                                    static_predictions, train, use_bf16)
+from tiny_sparse_bert.pruning import GradualMagnitudePruner
+from tiny_sparse_bert.bookkeeping import Checkpoints, Reporting
+from tiny_sparse_bert.data import mlm_batch, static_predictions
+from tiny_sparse_bert.runtime import Runtime, pick_device, use_bf16
+from tiny_sparse_bert.train import make_optimizer, train
 
 # the model and batch sizes of train_general.py's presets (vocabulary 8,192, sequences of 128)
 PRESETS = {"tiny": dict(n_layer=2, hidden=64, n_head=2, intermediate=128, batch_size=8),
@@ -76,7 +78,7 @@ def main():
         model = BertForMaskedLM(config).to(device)
         optimizer = make_optimizer(model, 1e-4, 0.01)
         total = args.warmup + args.steps
-        pruner = MagnitudePruner(model, 0.9, 0, total, 10)
+        pruner = GradualMagnitudePruner(model, 0.9, 0, total, 10)
         batch_fn = (lambda step: mlm_batch(blocks, step, p, V, 0, max_predictions=n_static if static else 0))
 
         def run(start, stop):  # `train` resumes at `start` with the same model: no re-compilation

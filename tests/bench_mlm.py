@@ -14,10 +14,12 @@ import numpy as np
 import torch
 
 from conftest import ROOT  # noqa: F401  (puts the repository on sys.path)
-from tiny_sparse_bert.data import NUM_SPECIAL, Blocks, corpus_files, load_tokenizer, tokenize_corpus
+from tiny_sparse_bert.data import Blocks, NUM_SPECIAL, corpus_files, load_tokenizer, tokenize_corpus
 from tiny_sparse_bert.model import BertConfig, BertForMaskedLM
-from tiny_sparse_bert.train import (autocast, evaluate_mlm, linear_warmup_decay, make_optimizer, mlm_batch,
-                                    unigram_log_probs)
+from tiny_sparse_bert.data import mlm_batch
+from tiny_sparse_bert.evaluation import evaluate_mlm, unigram_log_probs
+from tiny_sparse_bert.runtime import autocast
+from tiny_sparse_bert.train import linear_warmup_decay, make_optimizer
 
 
 def main():

@@ -16,7 +16,8 @@ import torch
 
 from conftest import ROOT  # noqa: F401  (puts the repository on sys.path)
 from tiny_sparse_bert.data import mask_tokens
-from tiny_sparse_bert.model import BertConfig, BertForMaskedLM, save_hf
+from tiny_sparse_bert.hf import save_hf
+from tiny_sparse_bert.model import BertConfig, BertForMaskedLM
 
 
 def main():

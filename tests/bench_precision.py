@@ -19,7 +19,8 @@ import torch
 from conftest import ROOT  # noqa: F401  (puts the repository on sys.path)
 from tiny_sparse_bert.data import mask_tokens
 from tiny_sparse_bert.model import BertConfig, BertForMaskedLM, BertForTokenClassification
-from tiny_sparse_bert.train import autocast, cpu_bf16_support, make_optimizer
+from tiny_sparse_bert.runtime import autocast, cpu_bf16_support
+from tiny_sparse_bert.train import make_optimizer
 
 
 def pretraining_step(g):

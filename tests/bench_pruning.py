@@ -3,7 +3,7 @@
     python tests/bench_pruning.py [--rounds 4] [--steps 25] [--prune-every 25]
 
 The same MLM training step (forward, backward, AdamW; batch 32 x 128, default model size) with
-and without a MagnitudePruner (masks recomputed every --prune-every steps, applied after every
+and without a GradualMagnitudePruner (masks recomputed every --prune-every steps, applied after every
 step), measured alternately, round by round, in one process. Target: at most 5% more.
 """
 import argparse
@@ -14,10 +14,11 @@ import numpy as np
 import torch
 
 from conftest import ROOT  # noqa: F401  (puts the repository on sys.path)
-from tiny_sparse_bert.data import NUM_SPECIAL, Blocks
+from tiny_sparse_bert.data import Blocks, NUM_SPECIAL
 from tiny_sparse_bert.model import BertConfig, BertForMaskedLM
-from tiny_sparse_bert.pruning import MagnitudePruner
-from tiny_sparse_bert.train import make_optimizer, mlm_batch
+from tiny_sparse_bert.pruning import GradualMagnitudePruner
+from tiny_sparse_bert.data import mlm_batch
+from tiny_sparse_bert.train import make_optimizer
 
 
 def main():
@@ -34,7 +35,7 @@ def main():
         torch.manual_seed(0)
         model = BertForMaskedLM(config)
         total = args.rounds * args.steps
-        pruner = MagnitudePruner(model, 0.9, 0, total, args.prune_every) if name == "with pruner" else None
+        pruner = GradualMagnitudePruner(model, 0.9, 0, total, args.prune_every) if name == "with pruner" else None
         variants[name] = (model, make_optimizer(model, 1e-4, 0.01), pruner)
     times = {name: [] for name in variants}
     step = 0

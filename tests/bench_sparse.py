@@ -21,7 +21,8 @@ import torch
 
 from conftest import ROOT  # noqa: F401  (puts the repository on sys.path)
 from tiny_sparse_bert.model import BertConfig, BertModel
-from tiny_sparse_bert.pruning import MagnitudePruner
+from tiny_sparse_bert.pruning_lab import LabPruner
+from tiny_sparse_bert.pruning import GradualMagnitudePruner
 from tiny_sparse_bert.sparse import convert_to_sparse, prunable_bytes
 
 SIZES = {"default": dict(n_layer=4, hidden=256, n_head=4, intermediate=1024),
@@ -59,7 +60,7 @@ def main():
                                     for pattern in args.patterns.split(",") for s in args.sparsities.split(",")]:
         torch.manual_seed(0)
         dense = BertModel(BertConfig(vocab_size=8192, dropout=0.0, **SIZES[size])).eval()
-        pruner = MagnitudePruner(dense, sparsity, 0, 0, 1, pattern=pattern)
+        pruner = LabPruner(dense, sparsity, 0, 0, 1, pattern=pattern)
         pruner.update(0)
         sparse = copy.deepcopy(dense)
         converted = ", ".join(f"{n} {kind}" for kind, n in convert_to_sparse(sparse).items() if n)

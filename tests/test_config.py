@@ -2,14 +2,17 @@
 import ast
 import os
 import re
-from dataclasses import dataclass
+import subprocess
+import sys
+from dataclasses import asdict, dataclass
 
 import pytest
 
 from conftest import ROOT
-from tiny_sparse_bert.config import (check_options, check_resume_config, check_run_dir, check_writable,
-                                     parse_config)
-from tiny_sparse_bert.train import pick_device, save_checkpoint
+from tiny_sparse_bert.bookkeeping import save_checkpoint
+from tiny_sparse_bert.config import (PretrainOptions, check_options, check_resume_config, check_run_dir, check_writable,
+                                     field_help, parse_config)
+from tiny_sparse_bert.runtime import pick_device
 
 
 @dataclass
@@ -96,7 +99,9 @@ def script_defaults(script):
     with open(os.path.join(ROOT, script), encoding="utf-8") as f:
         tree = ast.parse(f.read())
     config = next(n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == "Config")
-    return {n.target.id: ast.literal_eval(n.value) for n in config.body if isinstance(n, ast.AnnAssign)}
+    import tiny_sparse_bert.config as options  # the shared fields' defaults (PretrainOptions, RunOptions)
+    shared = {k: v for base in config.bases for k, v in asdict(getattr(options, base.id)()).items()}
+    return {**shared, **{n.target.id: ast.literal_eval(n.value) for n in config.body if isinstance(n, ast.AnnAssign)}}
 
 
 def test_the_lab_presets_chain_into_each_other():
@@ -114,3 +119,33 @@ def test_the_lab_presets_chain_into_each_other():
     default = script_defaults("train_general.py")
     assert general["eval_batches"] * general["batch_size"] == default["eval_batches"] * default["batch_size"]
     assert bio["eval_batches"] * bio["batch_size"] == general["eval_batches"] * general["batch_size"]
+
+
+@dataclass
+class Described(PretrainOptions):
+    steps: int = 10                # steps to run
+    grid: str = "1,2"              # a number, or a comma-separated grid
+                                   # searched on dev
+    seed: int = 5                  # a new default for a shared field keeps the shared help
+    bare: int = 0
+
+
+def test_help_lines_come_from_the_field_comments():
+    helps = field_help(Described)
+    assert helps["steps"] == "steps to run"
+    assert helps["grid"] == "a number, or a comma-separated grid searched on dev"  # continued under its field
+    assert helps["seed"] == "a new default for a shared field keeps the shared help"
+    assert helps["resume"].startswith("continue the run in --out") and helps["bare"] == ""
+
+
+@pytest.mark.parametrize("script", ["train_general.py", "train_bio.py", "finetune.py"])
+def test_help_describes_every_option(script):
+    """`--help`: every option with a one-line description (its field's comment) before its default."""
+    out = subprocess.run([sys.executable, script, "--help"], cwd=ROOT, capture_output=True, text=True,
+                         env={**os.environ, "COLUMNS": "1000"}, check=True).stdout
+    options = re.findall(r"^  (--[a-z-]+) (?:\[?[A-Z]+\]?)\s+(.*)$", out, re.MULTILINE)
+    assert len(options) >= 10
+    undescribed = [name for name, text in options if text.startswith(";")]  # "; default X": no comment
+    assert undescribed == [], f"{script}: options without a description: {undescribed}"
+    if script == "train_general.py":
+        assert "magnitude (the paper's) | random | movement" in out  # the choices, where the option is declared

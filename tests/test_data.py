@@ -4,9 +4,10 @@ import numpy as np
 import pytest
 import torch
 
-from tiny_sparse_bert.data import (CLS_ID, MASK_ID, NUM_SPECIAL, PAD_ID, SEP_ID, SPECIAL_TOKENS, Blocks,
-                                   load_tokenizer, mask_tokens, read_gutenberg, read_id_text, read_wikipedia,
-                                   tokenize_corpus, train_tokenizer, unigram_entropy)
+from tiny_sparse_bert.data import (Blocks, CLS_ID, MASK_ID, NUM_SPECIAL, PAD_ID, SEP_ID, SPECIAL_TOKENS,
+                                    load_tokenizer, mask_tokens, read_gutenberg, read_id_text, read_wikipedia,
+                                    tokenize_corpus, train_tokenizer)
+from tiny_sparse_bert.evaluation import unigram_entropy
 from tiny_sparse_bert.model import IGNORE_INDEX
 
 WIKI = """<doc id="1" url="?curid=1" title="Jarred Shaw">
@@ -169,7 +170,7 @@ def test_unigram_entropy():
 
 def test_missing_inputs_are_one_line_errors(tmp_path):
     from tiny_sparse_bert.data import corpus_files
-    from tiny_sparse_bert.train import load_checkpoint
+    from tiny_sparse_bert.bookkeeping import load_checkpoint
     with pytest.raises(SystemExit, match="no general corpus under .*data/prepare.py"):
         corpus_files(str(tmp_path), "general")
     with pytest.raises(SystemExit, match="no tokenizer at"):

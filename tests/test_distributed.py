@@ -7,10 +7,13 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from tiny_sparse_bert.data import NUM_SPECIAL, Blocks
+from tiny_sparse_bert.data import Blocks, NUM_SPECIAL
 from tiny_sparse_bert.model import BertConfig, BertForMaskedLM
-from tiny_sparse_bert.pruning import MagnitudePruner
-from tiny_sparse_bert.train import Reporting, Runtime, make_optimizer, mlm_batch, train, wrap_ddp
+from tiny_sparse_bert.pruning import GradualMagnitudePruner
+from tiny_sparse_bert.bookkeeping import Reporting
+from tiny_sparse_bert.data import mlm_batch
+from tiny_sparse_bert.runtime import Runtime, wrap_ddp
+from tiny_sparse_bert.train import make_optimizer, train
 
 CFG = BertConfig(vocab_size=100, n_layer=2, hidden=32, n_head=4, intermediate=64, max_position=32, dropout=0.0)
 TOKENS = np.random.default_rng(0).integers(NUM_SPECIAL, 100, 30 * 64).astype(np.uint16)
@@ -21,7 +24,7 @@ def run(rank, world, out):
     torch.manual_seed(0)
     model = BertForMaskedLM(CFG)
     ddp_model = wrap_ddp(model, torch.device("cpu"), world)
-    pruner = MagnitudePruner(model, 0.5, 0, 4, 2)
+    pruner = GradualMagnitudePruner(model, 0.5, 0, 4, 2)
     blocks = Blocks(TOKENS, 32, 8, seed=0)
     train(model, make_optimizer(model, 1e-3, 0.01), lambda s: mlm_batch(blocks, s, 0.3, 100, 0, rank, world), STEPS,
           peak_lr=1e-3, warmup_steps=1, pruner=pruner, report=Reporting(log_every=100),

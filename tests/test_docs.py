@@ -1,4 +1,5 @@
 """The documentation: every link and image resolves, and the project speaks of itself only."""
+import ast
 import fnmatch
 import glob
 import os
@@ -153,3 +154,41 @@ def test_without_git_the_project_files_are_those_git_tracks(tmp_path):
         (copy / made).parent.mkdir(parents=True, exist_ok=True)
         (copy / made).write_text("an earlier se" + "ssion\n")
     assert sorted(tracked_files(str(copy))) == sorted(expected)
+
+
+READING_PATH = ["train_general.py", "train_bio.py", "finetune.py", "tiny_sparse_bert/model.py",
+                "tiny_sparse_bert/pruning.py", "tiny_sparse_bert/data.py", "tiny_sparse_bert/train.py"]
+
+
+def test_the_reading_path_is_read_in_one_sitting():
+    """docs/conventions.md: the scripts, model, pruner, data and loop stay under 1,400 lines, in the
+    order the README and the package docstring give, and the loop function stays one screen."""
+    lines = {path: open(os.path.join(ROOT, path), encoding="utf-8").read().count("\n") for path in READING_PATH}
+    assert sum(lines.values()) <= 1400, f"the reading path has {sum(lines.values())} lines: {lines}"
+    package_doc = open(os.path.join(ROOT, "tiny_sparse_bert", "__init__.py"), encoding="utf-8").read()
+    readme = open(os.path.join(ROOT, "README.md"), encoding="utf-8").read()
+    for text in (package_doc, readme[readme.index("## What is where"):]):
+        positions = [text.index(os.path.basename(path)) for path in READING_PATH]
+        assert positions == sorted(positions), "the reading path is named out of order"
+    source = open(os.path.join(ROOT, "tiny_sparse_bert", "train.py"), encoding="utf-8").read()
+    loop = source[source.index("def train("):]
+    assert loop.count("\n") <= 60, f"train() has {loop.count(chr(10))} lines"
+
+
+def test_support_modules_say_what_they_are_for():
+    """Every module off the reading path says so in its docstring's first paragraph."""
+    on_path = {os.path.basename(p) for p in READING_PATH} | {"__init__.py"}
+    for path in sorted(glob.glob(os.path.join(ROOT, "tiny_sparse_bert", "*.py"))):
+        if os.path.basename(path) in on_path:
+            continue
+        doc = ast.get_docstring(ast.parse(open(path, encoding="utf-8").read())) or ""
+        first = doc.split("\n\n")[:2]
+        assert any("support module" in p.lower() or "the paper can be followed without" in p for p in first), \
+            f"{os.path.relpath(path, ROOT)}: its docstring does not say it is support code"
+
+
+def test_lines_are_at_most_120_characters():
+    long = [f"{os.path.relpath(p, ROOT)}:{i}" for p in [os.path.join(ROOT, f) for f in READING_PATH[:3]]
+            + glob.glob(os.path.join(ROOT, "tiny_sparse_bert", "*.py"))
+            for i, line in enumerate(open(p, encoding="utf-8"), 1) if len(line.rstrip("\n")) > 120]
+    assert long == [], "lines over 120 characters: " + ", ".join(long)

@@ -3,9 +3,12 @@ import os
 import pytest
 import torch
 
-from tiny_sparse_bert.model import (IGNORE_INDEX, BertConfig, BertForMaskedLM, BertForSequenceClassification,
-                                    BertForTokenClassification, alibi_bias, alibi_slopes, attend_with_dropout,
-                                    dropout, load_hf, save_hf)
+from tiny_sparse_bert.cpu_dropout import attend_with_dropout, dropout
+
+from tiny_sparse_bert.hf import load_hf, save_hf
+
+from tiny_sparse_bert.model import (BertConfig, BertForMaskedLM, BertForSequenceClassification,
+                                     BertForTokenClassification, IGNORE_INDEX, alibi_bias, alibi_slopes)
 
 CFG = BertConfig(vocab_size=120, n_layer=2, hidden=32, n_head=4, intermediate=64, max_position=64)
 

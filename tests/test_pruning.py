@@ -2,7 +2,8 @@ import pytest
 import torch
 
 from tiny_sparse_bert.model import BertConfig, BertForMaskedLM, BertForSequenceClassification
-from tiny_sparse_bert.pruning import MagnitudePruner, cubic_sparsity, prunable_parameters
+from tiny_sparse_bert.pruning_lab import LabPruner
+from tiny_sparse_bert.pruning import GradualMagnitudePruner, cubic_sparsity, prunable_parameters
 from tiny_sparse_bert.train import make_optimizer
 
 CFG = BertConfig(vocab_size=100, n_layer=2, hidden=32, n_head=4, intermediate=64, max_position=32)
@@ -26,7 +27,7 @@ def test_prunable_weights_are_the_six_encoder_linears():
 def test_exact_zero_counts(global_):
     torch.manual_seed(0)
     model = BertForMaskedLM(CFG)
-    pruner = MagnitudePruner(model, 0.9, 0, 10, 5, global_=global_)
+    pruner = GradualMagnitudePruner(model, 0.9, 0, 10, 5, global_=global_)
     for step in (0, 5, 7, 10):
         pruner.update(step)
         s = pruner.target(step) if pruner.should_update(step) else pruner.current_target
@@ -42,7 +43,7 @@ def test_ties_broken_deterministically():
     model = BertForMaskedLM(CFG)
     for p in prunable_parameters(model).values():
         torch.nn.init.constant_(p, 0.5)  # all scores tie
-    pruner = MagnitudePruner(model, 0.5, 0, 0, 1)
+    pruner = GradualMagnitudePruner(model, 0.5, 0, 0, 1)
     pruner.update(0)
     first = {n: m.clone() for n, m in pruner.masks.items()}
     pruner.update(0)
@@ -66,7 +67,7 @@ def train_steps(model, pruner, steps, wd=0.1):
 def test_pruned_weights_stay_zero_under_adamw_and_masks_only_grow():
     torch.manual_seed(0)
     model = BertForMaskedLM(CFG)
-    pruner = MagnitudePruner(model, 0.8, 0, 16, 2)
+    pruner = GradualMagnitudePruner(model, 0.8, 0, 16, 2)
     previous = {n: m.clone() for n, m in pruner.masks.items()}
     opt = make_optimizer(model, 1e-2, 0.1)
     ids = torch.randint(5, 100, (4, 16))
@@ -88,28 +89,28 @@ def test_pruned_weights_stay_zero_under_adamw_and_masks_only_grow():
 def test_masks_survive_save_load_and_frozen_masks(tmp_path):
     torch.manual_seed(0)
     model = BertForMaskedLM(CFG)
-    pruner = MagnitudePruner(model, 0.7, 0, 4, 2)
+    pruner = GradualMagnitudePruner(model, 0.7, 0, 4, 2)
     train_steps(model, pruner, 6)
     torch.save({"model": model.state_dict(), "pruner": pruner.state_dict()}, tmp_path / "c.pt")
     ckpt = torch.load(tmp_path / "c.pt", weights_only=True)
     model2 = BertForMaskedLM(CFG)
     model2.load_state_dict(ckpt["model"])
-    pruner2 = MagnitudePruner(model2)
+    pruner2 = GradualMagnitudePruner(model2)
     pruner2.load_state_dict(ckpt["pruner"])
     assert all(torch.equal(pruner.masks[n], pruner2.masks[n]) for n in pruner.masks)
     assert pruner2.end_step == 4 and pruner2.final_sparsity == 0.7
-    frozen = MagnitudePruner.from_sparse_model(model2)
+    frozen = GradualMagnitudePruner.from_sparse_model(model2)
     assert frozen.frozen and all(torch.equal(pruner.masks[n], frozen.masks[n]) for n in pruner.masks)
     train_steps(model2, frozen, 5)  # frozen masks are never updated, zeros stay exactly where they were
     assert all(torch.equal(p != 0, pruner.masks[n]) for n, p in frozen.params.items())
     with pytest.raises(ValueError, match="another config"):
-        MagnitudePruner(BertForMaskedLM(BertConfig(vocab_size=100, n_layer=1, hidden=32, n_head=4,
+        GradualMagnitudePruner(BertForMaskedLM(BertConfig(vocab_size=100, n_layer=1, hidden=32, n_head=4,
                                                    intermediate=64))).load_state_dict(ckpt["pruner"])
 
 
 def test_sparsity_report():
     model = BertForMaskedLM(CFG)
-    pruner = MagnitudePruner(model, 0.5, 0, 0, 1)
+    pruner = GradualMagnitudePruner(model, 0.5, 0, 0, 1)
     pruner.update(0)
     report = pruner.sparsity_report(model)
     assert "bert.layers.1.out.weight" in report and "50.0% of prunable" in report
@@ -122,7 +123,7 @@ VARIANTS = [(score, pattern) for score in ("magnitude", "random", "movement")
 def exact_zeros(pruner, s):
     """The zeros each tensor (unstructured, blocks) or pair of tensors (neurons) must have at sparsity s."""
     if pruner.pattern == "neurons":  # per pair: round(s * units) whole rows / columns
-        from tiny_sparse_bert.pruning import neuron_groups
+        from tiny_sparse_bert.pruning_lab import neuron_groups
         return all(int((~pruner.masks[name]).all(1 - axis).sum()) == round(s * pruner.params[name].shape[axis])
                    for group in neuron_groups(pruner.params) for name, axis in group)
     block = 1 if pruner.pattern == "unstructured" else 16
@@ -136,7 +137,7 @@ def test_every_score_and_pattern_reaches_the_schedule_and_never_revives_a_weight
     towards the pruned weights by a loss that wants them large."""
     torch.manual_seed(0)
     model = BertForMaskedLM(CFG)
-    pruner = MagnitudePruner(model, 0.8, 0, 12, 3, score=score, pattern=pattern)
+    pruner = LabPruner(model, 0.8, 0, 12, 3, score=score, pattern=pattern)
     opt = make_optimizer(model, 1e-2, 0.1)
     ids = torch.randint(5, 100, (4, 16))
     previous = {n: m.clone() for n, m in pruner.masks.items()}
@@ -162,12 +163,12 @@ def test_every_score_and_pattern_reaches_the_schedule_and_never_revives_a_weight
 def test_block_masks_are_whole_blocks_and_neuron_masks_whole_neurons():
     torch.manual_seed(0)
     model = BertForMaskedLM(CFG)
-    MagnitudePruner(model, 0.75, 0, 0, 1, pattern="4x4").update(0)
+    LabPruner(model, 0.75, 0, 0, 1, pattern="4x4").update(0)
     for p in prunable_parameters(model).values():
         blocks = (p != 0).reshape(p.shape[0] // 4, 4, p.shape[1] // 4, 4)
         assert (blocks.all(3).all(1) | ~blocks.any(3).any(1)).all()  # each block all kept or all pruned
     model = BertForMaskedLM(CFG)
-    MagnitudePruner(model, 0.75, 0, 0, 1, pattern="neurons").update(0)
+    LabPruner(model, 0.75, 0, 0, 1, pattern="neurons").update(0)
     for layer in model.bert.layers:
         dead = (layer.out.weight == 0).all(0)  # neuron i: column i of out ...
         assert dead.float().mean() == 0.75 and ((layer.inter.weight == 0).all(1) == dead).all()  # ... row i of inter
@@ -178,7 +179,7 @@ def test_movement_scores_prune_the_weights_training_pulls_to_zero():
     """-w * grad summed: a weight whose gradient shrinks it (w and grad of one sign) scores low."""
     torch.manual_seed(0)
     model = BertForMaskedLM(CFG)
-    pruner = MagnitudePruner(model, 0.5, 0, 1, 1, score="movement")
+    pruner = LabPruner(model, 0.5, 0, 1, 1, score="movement")
     for n, p in pruner.params.items():
         p.grad = p.detach().sign() * (torch.arange(p.numel()).view_as(p) % 2 * 2 - 1).float()  # shrink odd ones
     pruner.accumulate()
@@ -191,8 +192,8 @@ def test_movement_scores_prune_the_weights_training_pulls_to_zero():
 def test_a_frozen_block_mask_keeps_its_blocks_through_training(tmp_path):
     torch.manual_seed(0)
     model = BertForSequenceClassification(CFG, 3)
-    MagnitudePruner(model, 0.9, 0, 0, 1, pattern="4x4").update(0)
-    frozen = MagnitudePruner.from_sparse_model(model)
+    LabPruner(model, 0.9, 0, 0, 1, pattern="4x4").update(0)
+    frozen = GradualMagnitudePruner.from_sparse_model(model)
     before = {n: p != 0 for n, p in frozen.params.items()}
     opt = make_optimizer(model, 1e-2, 0.1)
     ids = torch.randint(5, 100, (4, 16))
@@ -208,14 +209,16 @@ def test_a_frozen_block_mask_keeps_its_blocks_through_training(tmp_path):
 def test_the_pruner_state_resumes_score_pattern_and_movement():
     torch.manual_seed(0)
     model = BertForMaskedLM(CFG)
-    pruner = MagnitudePruner(model, 0.5, 0, 4, 2, score="movement", pattern="neurons")
+    pruner = LabPruner(model, 0.5, 0, 4, 2, score="movement", pattern="neurons")
     for p in pruner.params.values():
         p.grad = torch.randn_like(p)
     pruner.accumulate()
     state = pruner.state_dict()
-    again = MagnitudePruner(model)
+    again = LabPruner(model)
     again.load_state_dict(state)
     assert (again.score, again.pattern) == ("movement", "neurons")
+    with pytest.raises(ValueError, match="LabPruner"):  # the paper's pruner does not take the lab's masks silently
+        GradualMagnitudePruner(model).load_state_dict(state)
     assert all(torch.equal(again.movement[n], pruner.movement[n]) for n in pruner.movement)
     with pytest.raises(SystemExit, match="--prune-pattern '3y3'"):
-        MagnitudePruner(model, pattern="3y3")
+        LabPruner(model, pattern="3y3")

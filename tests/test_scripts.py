@@ -121,7 +121,7 @@ def test_run_records_and_figures(bio, tmp_path, capsys):
     import shutil
     from tiny_sparse_bert import plots
     from tiny_sparse_bert.pruning import cubic_sparsity
-    from tiny_sparse_bert.train import read_record
+    from tiny_sparse_bert.bookkeeping import read_record
     out, _ = bio
     sparse = read_record(out / "general-sparse90" / "record.jsonl")
     logs = [e for e in sparse if "loss" in e]

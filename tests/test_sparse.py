@@ -4,16 +4,17 @@ import pytest
 import torch
 
 from tiny_sparse_bert.model import BertConfig, BertForMaskedLM, BertForSequenceClassification
-from tiny_sparse_bert.pruning import MagnitudePruner
+from tiny_sparse_bert.pruning_lab import LabPruner
+from tiny_sparse_bert.pruning import GradualMagnitudePruner
 from tiny_sparse_bert.sparse import SparseLinear, convert_to_sparse, load_sparse, main, prunable_bytes, save_sparse
-from tiny_sparse_bert.train import save_checkpoint
+from tiny_sparse_bert.bookkeeping import save_checkpoint
 
 CFG = BertConfig(vocab_size=200, n_layer=2, hidden=64, n_head=4, intermediate=256, max_position=64)
 
 
 def pruned(model, sparsity=0.9):
     torch.manual_seed(0)
-    pruner = MagnitudePruner(model, sparsity, 0, 0, 1)
+    pruner = GradualMagnitudePruner(model, sparsity, 0, 0, 1)
     pruner.update(0)
     return model, pruner
 
@@ -93,7 +94,7 @@ def test_block_and_neuron_pruned_models_are_recognised_and_give_the_same_outputs
     feed-forwards for whole neurons (attention's pruned dimensions stay CSR); outputs within 1e-4."""
     torch.manual_seed(0)
     model = BertForSequenceClassification(CFG, 5).eval()
-    MagnitudePruner(model, 0.9, 0, 0, 1, pattern=pattern).update(0)
+    LabPruner(model, 0.9, 0, 0, 1, pattern=pattern).update(0)
     ids = torch.randint(5, 200, (3, 20))
     with torch.no_grad():
         expected_out, _ = model(ids)

@@ -3,9 +3,9 @@ import pytest
 
 from tiny_sparse_bert.data import train_tokenizer
 from tiny_sparse_bert.model import IGNORE_INDEX
-from tiny_sparse_bert.tasks import (TASKS, best_threshold, collate, encode, entity_f1, entity_spans, f1_scores, get_task,
-                                    label_list, length_grouped_batches, load_splits, multilabel_f1, read_chemprot,
-                                    read_hoc, read_ner, read_nicta, read_pubmedqa, read_sentence_label)
+from tiny_sparse_bert.tasks import (TASKS, best_threshold, collate, encode, entity_f1, entity_spans, f1_scores,
+                                    get_task, label_list, length_grouped_batches, load_splits, multilabel_f1,
+                                    read_chemprot, read_hoc, read_ner, read_nicta, read_pubmedqa, read_sentence_label)
 
 
 def write(tmp_path, name, text):

@@ -11,10 +11,13 @@ import torch
 import torch.nn.functional as F
 
 from tiny_sparse_bert.data import Blocks, NUM_SPECIAL
-from tiny_sparse_bert.model import IGNORE_INDEX, BertConfig, BertForMaskedLM, BertForTokenClassification
-from tiny_sparse_bert.pruning import MagnitudePruner
-from tiny_sparse_bert.train import (Checkpoints, Distillation, NonFiniteLoss, Reporting, Runtime, linear_warmup_decay,
-                                    load_checkpoint, make_optimizer, mlm_batch, train)
+from tiny_sparse_bert.model import BertConfig, BertForMaskedLM, BertForTokenClassification, IGNORE_INDEX
+from tiny_sparse_bert.pruning import GradualMagnitudePruner
+from tiny_sparse_bert.bookkeeping import Checkpoints, NonFiniteLoss, Reporting, load_checkpoint
+from tiny_sparse_bert.data import mlm_batch
+from tiny_sparse_bert.distillation import Distillation
+from tiny_sparse_bert.runtime import Runtime
+from tiny_sparse_bert.train import linear_warmup_decay, make_optimizer, train
 
 CFG = BertConfig(vocab_size=100, n_layer=2, hidden=32, n_head=4, intermediate=64, max_position=32, dropout=0.1)
 TOKENS = np.random.default_rng(0).integers(NUM_SPECIAL, 100, 30 * 40).astype(np.uint16)
@@ -24,7 +27,7 @@ def setup(seed=0):
     torch.manual_seed(seed)
     model = BertForMaskedLM(CFG)
     optimizer = make_optimizer(model, 1e-3, 0.01)
-    pruner = MagnitudePruner(model, 0.8, 2, 8, 2)
+    pruner = GradualMagnitudePruner(model, 0.8, 2, 8, 2)
     blocks = Blocks(TOKENS, 32, 4, seed=0)
     return model, optimizer, pruner, lambda step: mlm_batch(blocks, step, 0.15, 100, 0)
 
@@ -108,7 +111,7 @@ def test_ctrl_c_saves_and_exits(tmp_path, stop):
 @pytest.mark.filterwarnings("ignore:CUDA is not available")
 def test_cuda_arguments_without_a_gpu(monkeypatch):
     """The CUDA-only lines, exercised for argument handling on a machine without a GPU."""
-    from tiny_sparse_bert.train import autocast, pick_device, setup_distributed, use_bf16
+    from tiny_sparse_bert.runtime import autocast, pick_device, setup_distributed, use_bf16
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     with pytest.raises(SystemExit, match="no CUDA GPU"):
         pick_device("cuda")
@@ -127,15 +130,15 @@ def test_cuda_arguments_without_a_gpu(monkeypatch):
 def test_no_checkpoint_ever_holds_a_non_finite_tensor(tmp_path, monkeypatch):
     """lr 1000 blows the weights up: every checkpoint written on the way must still be finite, and the
     error must name one that exists (the issue: a finite loss, then non-finite weights saved)."""
-    import tiny_sparse_bert.train as train_module
+    import tiny_sparse_bert.bookkeeping as bookkeeping_module
     saved = []
 
     def recording_save(path, **state):
         tensors = list(state["model"].values()) + [t for s in state["optimizer"]["state"].values() for t in s.values()]
         saved.append(all(torch.isfinite(t).all() for t in tensors if t.is_floating_point()))
         return save(path, **state)
-    save = train_module.save_checkpoint
-    monkeypatch.setattr(train_module, "save_checkpoint", recording_save)
+    save = bookkeeping_module.save_checkpoint
+    monkeypatch.setattr(bookkeeping_module, "save_checkpoint", recording_save)
     model, _, _, batch_fn = setup()
     with pytest.raises(NonFiniteLoss) as e:
         train(model, make_optimizer(model, 1e3, 0.01), batch_fn, 50, peak_lr=1e3, warmup_steps=2,
@@ -182,7 +185,7 @@ def test_non_finite_before_any_checkpoint_says_so(tmp_path):
 @pytest.mark.parametrize("closing_error", [False, True])
 def test_full_disk_keeps_the_previous_checkpoint(tmp_path, monkeypatch, closing_error):
     import errno
-    from tiny_sparse_bert.train import save_checkpoint
+    from tiny_sparse_bert.bookkeeping import save_checkpoint
     path = str(tmp_path / "c.pt")
     save_checkpoint(path, model={}, model_config={}, step=1)
 
@@ -221,7 +224,7 @@ def test_damaged_checkpoint_is_a_one_line_error(tmp_path, content):
 
 @pytest.mark.parametrize("kind", ["mlm", "ner", "cls", "multi"])
 def test_distillation_loss_is_zero_only_when_student_equals_teacher(kind):
-    from tiny_sparse_bert.train import distillation_loss
+    from tiny_sparse_bert.distillation import distillation_loss
     g = torch.Generator().manual_seed(0)
     shape = {"mlm": (20, 50), "ner": (3, 7, 5), "cls": (6, 4), "multi": (6, 4)}[kind]
     teacher = torch.randn(shape, generator=g) * 3
@@ -233,7 +236,7 @@ def test_distillation_loss_is_zero_only_when_student_equals_teacher(kind):
 
 
 def test_ner_distillation_ignores_padding_and_later_word_pieces():
-    from tiny_sparse_bert.train import distillation_loss
+    from tiny_sparse_bert.distillation import distillation_loss
     g = torch.Generator().manual_seed(0)
     teacher = torch.randn(2, 6, 3, generator=g)
     labels = torch.tensor([[IGNORE_INDEX, 1, IGNORE_INDEX, 0, IGNORE_INDEX, IGNORE_INDEX],   # [CLS] w ##p w [SEP] pad
@@ -304,7 +307,7 @@ def test_mean_labelled_weighs_every_labelled_word_the_same():
 def test_static_shape_mlm_head_gives_the_dynamic_loss():
     """mlm_batch(max_predictions=N): the same N positions every batch (padded with [CLS], label
     ignored), for torch.compile / CUDA graphs; loss and gradients equal the dynamic head's."""
-    from tiny_sparse_bert.train import static_predictions
+    from tiny_sparse_bert.data import static_predictions
     blocks = Blocks(TOKENS, 32, 4, seed=0)
     n = static_predictions(4, 32, 0.4)
     assert n > 0.4 * 4 * 32
@@ -354,14 +357,14 @@ def test_train_flops_of_bert_base_match_the_6nd_rule():
 
 def test_device_auto_prefers_cuda_then_mps_then_cpu(monkeypatch):
     """--device auto, with each kind of accelerator faked visible or not (no GPU is touched)."""
-    from tiny_sparse_bert.train import pick_device, to_device, use_bf16
+    from tiny_sparse_bert.runtime import pick_device, to_device, use_bf16
     for cuda, mps, expected in ((True, True, "cuda"), (False, True, "mps"), (False, False, "cpu")):
         monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
         monkeypatch.setattr(torch.backends.mps, "is_available", lambda: mps)
         assert pick_device("auto").type == expected
     monkeypatch.setattr(torch.backends.mps, "is_available", lambda: True)
     assert pick_device("mps").type == "mps"
-    monkeypatch.setattr("tiny_sparse_bert.train.cpu_bf16_support", lambda: "amx_bf16")
+    monkeypatch.setattr("tiny_sparse_bert.runtime.cpu_bf16_support", lambda: "amx_bf16")
     assert not use_bf16(torch.device("mps")) and use_bf16(torch.device("cpu"))  # auto: AMX is a CPU's, not mps's
     assert use_bf16(torch.device("mps"), "bf16")
     moved = []
@@ -379,7 +382,7 @@ def test_sparse_inference_says_it_does_not_run_on_mps():
 
 def test_precision_auto_follows_what_the_cpu_reports(monkeypatch):
     """bf16 where the CPU has native bf16 dot products (faked /proc/cpuinfo flags), fp32 elsewhere."""
-    from tiny_sparse_bert import train as t
+    from tiny_sparse_bert import runtime as t
     flags = {"AMD EPYC (Zen 4)": ("fpu avx2 avx512f avx512_bf16 avx512_vnni", "avx512_bf16"),
              "Intel Xeon (Sapphire Rapids)": ("avx512f avx512_bf16 amx_bf16 amx_tile", "amx_bf16"),
              "ARM Neoverse V1": ("Features : fp asimd sve bf16 i8mm", "bf16"),

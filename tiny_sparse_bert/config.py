@@ -1,6 +1,9 @@
-"""Script configuration and start-up checks: options in, one-line errors out, before any work.
+"""Script options and start-up checks: the options the scripts share, options in, one-line errors out.
 
-`parse_config` turns a config dataclass (plus named presets) into command-line options;
+A support module: the paper can be followed without it. `RunOptions` (every script) and
+`PretrainOptions` (both training scripts) are the shared fields a script's `Config` extends with
+the knobs of its own step; `parse_config` turns a config dataclass (plus named presets) into
+command-line options, each with the comment written beside its field as its `--help` line.
 `check_options` refuses out-of-range values; `check_resume_config`, `check_run_dir` and
 `check_writable` look at the run directories a script reads and writes. Each error is one line
 that says what to do, so an hour of training never ends in a traceback about an argument.
@@ -9,18 +12,91 @@ that says what to do, so an hour of training never ends in a traceback about an 
     check_options(cfg, positive=("steps", "lr"), below_one=("final_sparsity",))
 """
 import argparse
+import inspect
 import json
 import os
+import re
 import tempfile
-from dataclasses import asdict, fields, replace
+from dataclasses import asdict, dataclass, fields, is_dataclass, replace
 
-from .data import file_sha256, load_tokenizer
-from .train import load_checkpoint
+from .data import load_tokenizer
+from .pruning_lab import SCORES, parse_pattern
+from .bookkeeping import file_sha256, load_checkpoint
 
 
 def dense_counterpart(name):
     """The dense model a sparse run directory's name pairs with: bio-sparse90 -> bio-dense; None if dense."""
     return f"{name.split('-sparse')[0]}-dense" if "-sparse" in name else None
+
+
+@dataclass
+class RunOptions:
+    """The options of every script; a script's Config adds the knobs of its step."""
+    data: str = "data"             # the prepared data sets (python data/prepare.py)
+    out: str = "out"               # where the run writes
+    device: str = "auto"           # auto (cuda, then mps, then cpu) | cpu | cuda | cuda:N | mps
+    compile: bool = False          # torch.compile the model (worth it on a GPU)
+    precision: str = "auto"        # auto (bf16 on CUDA and CPUs with bf16 dot products, else fp32) | bf16 | fp32
+    overwrite: bool = False        # start over, replacing what an earlier run wrote in --out
+
+
+@dataclass
+class PretrainOptions(RunOptions):
+    """The options train_general.py and train_bio.py share: MLM data, bookkeeping, resume."""
+    max_docs: int = 0              # use only the first N documents of each corpus (0 = all)
+    seq_len: int = 128             # tokens per MLM block
+    batch_size: int = 32           # blocks per step
+    mlm_prob: float = 0.4          # fraction of tokens masked; NOTE(deviation): BERT 3.1 masks 15%, 40% learns faster
+                                   # (Wettig et al. 2022)
+    warmup: float = 0.06           # fraction of a phase's steps spent warming up the learning rate
+    weight_decay: float = 0.01     # AdamW's, on matrices only (BERT)
+    eval_batches: int = 20         # held-out batches per evaluation
+    eval_every: int = 650          # steps between held-out evaluations (0 = at the end only)
+    log_every: int = 50            # steps between log lines
+    ckpt_every: int = 250          # steps between checkpoints (0 = at the end only)
+    seed: int = 0                  # the data order, the masks and the initialisation
+    static_mlm: bool = False       # a fixed number of MLM predictions per batch: static shapes for --compile
+    resume: bool = False           # continue the run in --out (after Ctrl-C, a crash, a NaN)
+
+
+# what may change when a finished training phase is resumed (check_resume_config)
+PRETRAIN_BOOKKEEPING = ("out", "eval_batches", "eval_every", "log_every", "ckpt_every", "device", "compile",
+                        "static_mlm", "precision", "resume", "overwrite")
+
+
+def check_pretrain_options(cfg):
+    """The ranges of PretrainOptions' fields (check_options); a script checks its own fields too."""
+    check_options(cfg, positive=("seq_len", "batch_size", "eval_batches", "log_every", "mlm_prob"),
+                  non_negative=("max_docs", "weight_decay", "eval_every", "ckpt_every"), fraction=("warmup",),
+                  below_one=("mlm_prob",), at_least=(("seq_len", 3),))
+
+
+FIELD = re.compile(r"^(\s+)(\w+): [^=]+=[^#]*?(?:#\s*(.*))?$")  # `    name: type = default  # comment`
+
+
+def field_help(config_cls):
+    """{field: its --help line}: the comment beside the field in the dataclass's source (with the
+    comment lines under it), the most derived class's where a subclass declares a field again."""
+    helps = {}
+    for klass in reversed(config_cls.__mro__):
+        if not is_dataclass(klass):
+            continue
+        try:
+            lines = inspect.getsource(klass).splitlines()
+        except (OSError, TypeError):  # no source (typed into an interpreter): no help lines
+            continue
+        name = indent = None
+        for line in lines:
+            match = FIELD.match(line)
+            if match:
+                indent, name, comment = len(match.group(1)), match.group(2), match.group(3)
+                if comment or name not in helps:
+                    helps[name] = comment or ""
+            elif name and line.strip().startswith("#") and len(line) - len(line.lstrip()) > indent:
+                helps[name] += " " + line.strip()[1:].strip()  # a comment continued under its field
+            else:
+                name = None
+    return helps
 
 
 def parse_bool(text):
@@ -37,29 +113,26 @@ def parse_bool(text):
 def parse_config(config_cls, presets, description, argv=None):
     """A script's config: the dataclass defaults, then a named preset, then command-line overrides.
 
-    Every dataclass field becomes `--field-name`; `--help` lists them with their defaults.
+    Every dataclass field becomes `--field-name`; `--help` gives each its comment and its default.
     """
-    defaults = config_cls()
+    defaults, helps = config_cls(), field_help(config_cls)
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--preset", choices=list(presets), default="default",
                         help="named sizes: " + "; ".join(f"{k}: {v}" for k, v in presets.items() if v))
-    for f in fields(config_cls):
-        kind = type(getattr(defaults, f.name))
+    own = config_cls.__dict__.get("__annotations__", {})  # the script's own knobs first, then the shared ones
+    for f in sorted(fields(config_cls), key=lambda f: f.name not in own):
+        default = getattr(defaults, f.name)
+        kind = type(default)
         extra = dict(nargs="?", const=True) if kind is bool else {}  # `--resume` alone means true
+        help_line = (helps.get(f.name, "") + (" (true/false)" if kind is bool else "")).strip()
         parser.add_argument("--" + f.name.replace("_", "-"), type=parse_bool if kind is bool else kind, default=None,
-                            metavar=kind.__name__.upper(), help=f"default {getattr(defaults, f.name)!r}", **extra)
+                            metavar=kind.__name__.upper(), help=f"{help_line}; default {default!r}".replace("%", "%%"),
+                            **extra)
     args = parser.parse_args(argv)
     config = replace(defaults, **presets[args.preset])
     overrides = {f.name: getattr(args, f.name) for f in fields(config_cls) if getattr(args, f.name) is not None}
     config = replace(config, **overrides)
     return args.preset, config
-
-
-def note_gpu_preset(preset, device):
-    """A GPU-sized preset started on the CPU runs, but for a very long time: say so at once."""
-    if preset in ("gpu", "base") and device.type == "cpu":
-        print(f"note: --preset {preset} is sized for a GPU; on the CPU it takes many times the default's time "
-              f"(the default preset is the one sized for a CPU)")
 
 
 def check_options(config, positive=(), non_negative=(), fraction=(), below_one=(), at_least=()):
@@ -174,3 +247,38 @@ def check_writable(directory):
             pass
     except OSError as e:
         raise SystemExit(f"error: cannot write to {directory}: {e.strerror or e} (choose another --out)") from None
+
+
+def check_model_and_pruning(cfg):
+    """train_general.py's model and pruning options that check_options cannot range-check."""
+    if cfg.hidden % cfg.n_head:
+        raise SystemExit(f"error: --hidden {cfg.hidden} is not divisible by --n-head {cfg.n_head} (each head gets "
+                         f"hidden / n_head dimensions)")
+    if cfg.prune_score not in SCORES:
+        raise SystemExit(f"error: --prune-score {cfg.prune_score!r}: use {', '.join(SCORES)}")
+    parse_pattern(cfg.prune_pattern)  # unstructured, neurons or RxC
+    if cfg.prune_begin >= cfg.prune_end:
+        raise SystemExit(f"error: --prune-begin {cfg.prune_begin} must be below --prune-end {cfg.prune_end}")
+
+
+def remove_run_files(directories):
+    """--overwrite: the files a training run wrote in each directory (checkpoint, record, config, tokenizer)."""
+    for run_dir in directories:
+        for name in ("ckpt.pt", "record.jsonl", "config.json", "tokenizer.json"):
+            if os.path.exists(os.path.join(run_dir, name)):
+                os.remove(os.path.join(run_dir, name))
+
+
+def load_run_tokenizer(path, vocab_size, resuming, dense_dir):
+    """train_general.py's tokenizer, with one-line errors for a resumed run without its own tokenizer
+    and a vocabulary of another size than --vocab-size asks for."""
+    if resuming and not os.path.exists(path):
+        raise SystemExit(f"error: --resume needs {path}, the run's tokenizer; copy it back (each finished model "
+                         f"directory holds a copy, e.g. {dense_dir}/tokenizer.json)")
+    tokenizer = load_tokenizer(path)
+    if tokenizer.get_vocab_size() != vocab_size:
+        raise SystemExit(f"error: {path} has {tokenizer.get_vocab_size()} pieces, --vocab-size asks for "
+                         f"{vocab_size}: " + ("not this run's tokenizer (copy the run's own back)" if resuming else
+                                              "the corpus gives no more pieces than that, or needs more (its "
+                                              "characters and the special tokens); choose another --vocab-size"))
+    return tokenizer

@@ -16,12 +16,14 @@ import glob
 import hashlib
 import html
 import json
+import math
 import os
 
 import numpy as np
 import torch
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
 
+from .bookkeeping import file_sha256
 from .model import IGNORE_INDEX
 
 SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
@@ -160,16 +162,6 @@ def documents(files, max_docs=None):
 
 # ---------------------------------------------------------------------------------- token cache
 
-def file_sha256(path):
-    """sha256 of a file, read in 1 MiB chunks (data/prepare.py keeps its own copy: it runs on the
-    standard library alone, before the package's dependencies are installed)."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def tokenize_corpus(name, files, tokenizer, cache_dir, max_docs=None, val_every=50):
     """Tokenize a corpus into flat uint16/uint32 arrays (train, val), cached and memory-mapped.
 
@@ -226,17 +218,6 @@ def tokenize_corpus(name, files, tokenizer, cache_dir, max_docs=None, val_every=
         json.dump(manifest, f)
     os.replace(stem + ".json.tmp", stem + ".json")
     return tuple(np.load(p, mmap_mode="r") for p in paths.values())
-
-
-def unigram_entropy(tokens):
-    """Entropy in nats of the token distribution (special tokens excluded).
-
-    The cross-entropy of the best model that ignores context: an MLM that predicts the masked
-    token's corpus frequency reaches exactly this loss, so a model learns language only below it.
-    """
-    counts = np.bincount(np.asarray(tokens, dtype=np.int64))[NUM_SPECIAL:].astype(np.float64)
-    p = counts[counts > 0] / counts.sum()
-    return float(-(p * np.log(p)).sum())
 
 
 # ---------------------------------------------------------------------------------- MLM batches
@@ -303,3 +284,30 @@ def mask_tokens(input_ids, attention_mask, mlm_prob, vocab_size, generator=None)
     x = torch.where(to_mask, torch.full_like(input_ids, MASK_ID), input_ids)
     x = torch.where(to_random, random_ids, x)
     return x, labels
+
+
+def mlm_batch(blocks, step, mlm_prob, vocab_size, seed, rank=0, world=1, max_predictions=0):
+    """The masked batch of a step; the masking RNG is seeded by (seed, step), so resume needs no state.
+
+    Under torchrun every rank draws the same global batch and masks (cheap), then keeps its own
+    interleaved rows: together the ranks see exactly the batch a single process would.
+    With `max_predictions` N > 0 the batch also holds `predict`: the flat positions of its masked
+    tokens, padded to exactly N with position 0 ([CLS], never a target), so the MLM head has the
+    same shape at every step (`static_predictions` sizes N so that a batch almost never has more).
+    """
+    x, attention_mask = blocks.batch(step)
+    g = torch.Generator().manual_seed(seed * 1_000_003 + step)
+    x, labels = mask_tokens(x, attention_mask, mlm_prob, vocab_size, g)
+    assert len(x) % world == 0, f"batch size {len(x)} is not divisible by {world} processes"
+    batch = {"input_ids": x[rank::world], "attention_mask": attention_mask[rank::world], "labels": labels[rank::world]}
+    if max_predictions:
+        targets = (batch["labels"] != IGNORE_INDEX).flatten().nonzero().squeeze(1)[:max_predictions]
+        batch["predict"] = torch.cat([targets, torch.zeros(max_predictions - len(targets), dtype=torch.long)])
+    return batch
+
+
+def static_predictions(batch_size, seq_len, mlm_prob):
+    """A fixed number of MLM predictions per batch: the mean number of masked tokens + 6 standard
+    deviations (binomial), so that a batch has more (and loses the excess) about once in 10^9."""
+    n = batch_size * seq_len
+    return math.ceil(n * mlm_prob + 6 * math.sqrt(n * mlm_prob * (1 - mlm_prob)))

@@ -12,58 +12,22 @@ attention scores, Press et al. 2022).
     model = BertForMaskedLM(BertConfig(vocab_size=8192))
     logits, loss = model(input_ids, attention_mask, labels=labels)
 
-`save_hf` / `load_hf` convert to and from Hugging Face's BERT layout (config.json and a
-state dict with HF's key names) without depending on `transformers`.
+On a CPU, dropout draws its random numbers more cheaply (`cpu_dropout.Dropout`, the same
+distribution); `hf.py` converts to and from Hugging Face's BERT layout.
 
 Shape legend used in comments throughout the package:
     B batch size, T tokens per sequence, C hidden size (H), nh heads (A), hs head size (C // nh),
     V vocabulary size, N number of selected (masked) positions.
 """
-import json
-import math
-import os
 from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .cpu_dropout import Dropout, attend_with_dropout
+
 IGNORE_INDEX = -100  # label of positions that carry no loss (PyTorch's cross_entropy default)
-
-
-def dropout(x, p, training=True):
-    """Inverted dropout, as F.dropout, with a quarter of its random-number work on a CPU.
-
-    On a CPU, drawing the random numbers is the expensive part of dropout: F.dropout draws one
-    32-bit number per element, on one thread, and takes longer than the matmuls around it
-    (tests/bench_model.py). Here each 64-bit draw is cut into four 16-bit numbers r, uniform over
-    [-2^15, 2^15); an element is dropped when r < p * 2^16 - 2^15, so with probability p rounded
-    to 1/65536. (In bf16 the kept elements' scale 1/(1-p) is rounded to bf16 too: 0.2% at p=0.1.)
-    A GPU draws random numbers in parallel, so there F.dropout is used as is.
-    """
-    if not training or p == 0.0:
-        return x
-    if x.device.type != "cpu":
-        return F.dropout(x, p)
-    n = x.numel()
-    words = torch.randint(-2**63, 2**63 - 1, ((n + 3) // 4,))  # int64, uniform over (nearly) all values
-    r = words.view(torch.int16)[:n].view(x.shape)
-    keep = r >= round(p * 65536) - 32768
-    return x * (keep * (1.0 / (1.0 - p))).to(x.dtype)  # one multiply forward, one backward
-
-
-class Dropout(nn.Module):
-    """nn.Dropout with the cheaper random numbers of `dropout`."""
-
-    def __init__(self, p):
-        super().__init__()
-        self.p = p
-
-    def forward(self, x):
-        return dropout(x, self.p, self.training)
-
-    def extra_repr(self):
-        return f"p={self.p}"
 
 
 @dataclass
@@ -101,20 +65,6 @@ class Embeddings(nn.Module):
         x = self.word(input_ids) + self.position(positions) + self.token_type(token_type_ids)  # (B, T, C)
         # with pre-LN every block normalises its own input, so the sum goes in as is
         return self.drop(x if self.pre_norm else self.norm(x))
-
-
-def attend_with_dropout(q, k, v, attn_mask, p):
-    """dropout(softmax(q k^T / sqrt(hs) + mask)) v, written out.
-
-    This is what F.scaled_dot_product_attention computes on a CPU when dropout_p > 0 (its fused
-    kernel has no dropout), except that the dropout mask comes from the cheaper `dropout`.
-    """
-    scores = (q / math.sqrt(q.size(-1))) @ k.transpose(-2, -1)  # (B, nh, T, T)
-    if attn_mask.dtype == torch.bool:
-        scores = scores.masked_fill(~attn_mask, float("-inf"))
-    else:
-        scores = scores + attn_mask
-    return dropout(scores.softmax(-1), p) @ v  # (B, nh, T, hs)
 
 
 class Layer(nn.Module):
@@ -345,108 +295,6 @@ class BertForSequenceClassification(nn.Module):
             loss = (F.binary_cross_entropy_with_logits(logits, labels.float()) if self.multi_label
                     else F.cross_entropy(logits, labels))
         return logits, loss
-
-
-# ----------------------------------------------------------------------------------------------
-# Hugging Face interchange: config.json with HF's field names, state dict with HF's key names.
-
-HF_CONFIG_NAMES = {  # ours -> transformers.BertConfig
-    "vocab_size": "vocab_size", "n_layer": "num_hidden_layers", "hidden": "hidden_size",
-    "n_head": "num_attention_heads", "intermediate": "intermediate_size",
-    "max_position": "max_position_embeddings", "type_vocab_size": "type_vocab_size",
-    "dropout": "hidden_dropout_prob", "layer_norm_eps": "layer_norm_eps",
-    "initializer_range": "initializer_range",
-}
-HF_LAYER_NAMES = {  # our module in Layer -> HF's module in bert.encoder.layer.{i}
-    "query": "attention.self.query", "key": "attention.self.key", "value": "attention.self.value",
-    "attn_out": "attention.output.dense", "attn_norm": "attention.output.LayerNorm",
-    "inter": "intermediate.dense", "out": "output.dense", "out_norm": "output.LayerNorm",
-}
-HF_OTHER_NAMES = {  # our module in BertForMaskedLM -> HF's module in transformers.BertForMaskedLM
-    "bert.emb.word": "bert.embeddings.word_embeddings",
-    "bert.emb.position": "bert.embeddings.position_embeddings",
-    "bert.emb.token_type": "bert.embeddings.token_type_embeddings",
-    "bert.emb.norm": "bert.embeddings.LayerNorm",
-    "transform": "cls.predictions.transform.dense",
-    "transform_norm": "cls.predictions.transform.LayerNorm",
-}
-
-
-def hf_key_names(config):
-    """Map every key of our BertForMaskedLM state dict to its name in HF's layout."""
-    names = {"decoder_bias": "cls.predictions.bias"}
-    modules = dict(HF_OTHER_NAMES)
-    for i in range(config.n_layer):
-        for ours, theirs in HF_LAYER_NAMES.items():
-            modules[f"bert.layers.{i}.{ours}"] = f"bert.encoder.layer.{i}.{theirs}"
-    for ours, theirs in modules.items():
-        names[f"{ours}.weight"] = f"{theirs}.weight"
-        if not ours.startswith("bert.emb.") or ours == "bert.emb.norm":
-            names[f"{ours}.bias"] = f"{theirs}.bias"
-    return names
-
-
-def save_hf(model, directory):
-    """Write `config.json` and `pytorch_model.bin` loadable by transformers.BertForMaskedLM."""
-    config = model.config
-    if config.pre_norm:
-        raise ValueError("a pre-LayerNorm model has no Hugging Face BERT equivalent; train with pre_norm=False")
-    if config.alibi:
-        raise ValueError("an ALiBi model has no Hugging Face BERT equivalent (transformers' BERT has no distance "
-                         "bias); train with alibi=False")
-    os.makedirs(directory, exist_ok=True)
-    hf_config = {theirs: getattr(config, ours) for ours, theirs in HF_CONFIG_NAMES.items()}
-    hf_config.update(architectures=["BertForMaskedLM"], model_type="bert", hidden_act="gelu",
-                     attention_probs_dropout_prob=config.dropout, pad_token_id=0,
-                     position_embedding_type="absolute", tie_word_embeddings=True)
-    with open(os.path.join(directory, "config.json"), "w") as f:
-        json.dump(hf_config, f, indent=2)
-    names = hf_key_names(config)
-    state = {names[k]: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    state["cls.predictions.decoder.weight"] = state["bert.embeddings.word_embeddings.weight"]  # tied
-    state["cls.predictions.decoder.bias"] = state["cls.predictions.bias"]
-    torch.save(state, os.path.join(directory, "pytorch_model.bin"))
-
-
-def read_safetensors(path):
-    """Minimal reader of the safetensors format (8-byte header size, JSON header, raw tensors)."""
-    dtypes = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "I64": torch.int64}
-    with open(path, "rb") as f:
-        n = int.from_bytes(f.read(8), "little")
-        header, data = json.loads(f.read(n)), f.read()
-    state = {}
-    for name, info in header.items():
-        if name == "__metadata__":
-            continue
-        start, end = info["data_offsets"]
-        t = torch.frombuffer(bytearray(data[start:end]), dtype=dtypes[info["dtype"]]) if end > start \
-            else torch.empty(0, dtype=dtypes[info["dtype"]])
-        state[name] = t.reshape(info["shape"]).float()
-    return state
-
-
-def load_hf(directory):
-    """Read a Hugging Face BERT directory (ours or one written by transformers) into BertForMaskedLM."""
-    with open(os.path.join(directory, "config.json")) as f:
-        hf_config = json.load(f)
-    if hf_config.get("hidden_act", "gelu") != "gelu":
-        raise ValueError(f"{directory}: hidden_act {hf_config['hidden_act']!r} is not BERT's exact gelu")
-    config = BertConfig(**{ours: hf_config[theirs] for ours, theirs in HF_CONFIG_NAMES.items()})
-    bin_path, st_path = os.path.join(directory, "pytorch_model.bin"), os.path.join(directory, "model.safetensors")
-    if os.path.exists(st_path):
-        state = read_safetensors(st_path)
-    elif os.path.exists(bin_path):
-        state = torch.load(bin_path, map_location="cpu", weights_only=True)
-    else:
-        raise FileNotFoundError(f"{directory}: neither model.safetensors nor pytorch_model.bin")
-    model = BertForMaskedLM(config)
-    ours = {}
-    for our_key, hf_key in hf_key_names(config).items():
-        if hf_key not in state:
-            raise KeyError(f"{directory}: missing {hf_key} (not a BERT masked-LM checkpoint?)")
-        ours[our_key] = state[hf_key]
-    model.load_state_dict(ours)
-    return model
 
 
 def count_parameters(model):

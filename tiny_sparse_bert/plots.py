@@ -1,5 +1,7 @@
 """Figures of a run, drawn from what the scripts record in their output directory.
 
+A support module: the paper can be followed without it (and the only one that imports matplotlib).
+
     python -m tiny_sparse_bert.plots out/           # writes out/figures/*.png
 
 Each training directory holds `config.json`, `ckpt.pt` and `record.jsonl` (one JSON object per
@@ -22,7 +24,7 @@ import torch
 
 from .config import dense_counterpart
 from .pruning import PRUNABLE_MODULES, cubic_sparsity
-from .train import read_record
+from .bookkeeping import read_record
 
 WIDTH = (7, 4)  # inches at 100 dpi: 700 px, the width of a README column
 KIND_COLOURS = dict(zip(PRUNABLE_MODULES, plt.get_cmap("tab10").colors))

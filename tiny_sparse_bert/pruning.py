@@ -6,29 +6,17 @@ prunable tensor reaches the scheduled sparsity; pruned weights stay zero (the ma
 Sparse*BERT (Campos et al. 2022, section 3) applies this to BERT's encoder during MLM
 pretraining, then keeps the mask fixed for domain-adaptive pretraining and fine-tuning.
 
-    pruner = MagnitudePruner(model, final_sparsity=0.9, begin_step=0, end_step=3000)
+    pruner = GradualMagnitudePruner(model, final_sparsity=0.9, begin_step=0, end_step=3000)
     for step in range(steps):
         pruner.update(step)     # recompute masks when the schedule says so
         loss.backward(); optimizer.step()
         pruner.apply()          # re-zero pruned weights (Adam moments and weight decay move them)
 
-    frozen = MagnitudePruner.from_sparse_model(model)   # masks = (weight != 0), never updated
+    frozen = GradualMagnitudePruner.from_sparse_model(model)   # masks = (weight != 0), never updated
 
-Sparsity is always the absolute fraction of zeros in a tensor. The pruning lab: what is pruned is
-chosen by a *score* and a *pattern*, each a few lines below to read, copy and change.
-
-- scores: `magnitude_score` (|w|, the paper's), `random_score` (the baseline any criterion must
-  beat), `movement_score` (Sanh et al. 2020: -w x dL/dw summed over the steps since the last mask
-  update; `pruner.accumulate()` reads the gradients right after `loss.backward()`);
-- patterns: unstructured (each weight alone), blocks of R x C weights (a block's score is the sum
-  of its weights' scores; whole blocks go), and "neurons": a feed-forward neuron is a row of the
-  intermediate weight with the matching column of the output weight, an attention dimension a
-  row of the query with the same row of the key, or a row of the value with the same column of
-  the attention output; whole neurons go (`sparse.convert_to_sparse` then compacts the
-  feed-forward into smaller dense matrices).
-
-Whatever the score, a pruned weight stays pruned: its unit's score is set to -inf before each
-update (a random or a movement score would otherwise bring zeros back).
+Sparsity is always the absolute fraction of zeros in a tensor. The pruning lab (pruning_lab.py)
+changes two methods of this class: `units` (which score, over which groups of weights) and
+`masks_of` (a kept unit's weights); the paper's path here does not run through it.
 """
 import math
 
@@ -62,53 +50,26 @@ def cubic_sparsity(step, initial_sparsity, final_sparsity, begin_step, end_step)
     return final_sparsity + (initial_sparsity - final_sparsity) * (1.0 - progress) ** 3
 
 
-# ---------------------------------------------------------------------------------- scores
-# Importance of each weight (a tensor of its shape); the lowest are pruned. `movement` is what
-# `accumulate` summed since the last mask update.
-
-def magnitude_score(weight, movement):
-    """|w| (Zhu & Gupta 2017; Sparse*BERT): small weights matter least."""
-    return weight.abs()
+def prunable_parameters(model):
+    """{name: weight} of the encoder Linear weights named in PRUNABLE_MODULES, in model order."""
+    return {name: p for name, p in model.named_parameters()
+            if "layers" in name.split(".") and name.endswith(".weight") and name.split(".")[-2] in PRUNABLE_MODULES}
 
 
-def random_score(weight, movement):
-    """A random order (torch's seeded generator): what any criterion must beat."""
-    return torch.rand(weight.shape, device=weight.device)
+def cubic_sparsity(step, initial_sparsity, final_sparsity, begin_step, end_step):
+    """Zhu & Gupta 2017, eq. 1: the target sparsity at `step`.
 
+        s_t = s_f + (s_i - s_f) * (1 - (t - t_0) / (t_1 - t_0))**3     for t_0 <= t <= t_1
 
-def movement_score(weight, movement):
-    """Sanh et al. 2020: -sum_t w dL/dw. High when training pushes a weight away from zero, low when
-    it pulls it towards zero, whatever its size now."""
-    return movement
-
-
-SCORES = {"magnitude": magnitude_score, "random": random_score, "movement": movement_score}
-
-
-# ---------------------------------------------------------------------------------- patterns
-
-def parse_pattern(text):
-    """--prune-pattern: "unstructured", "RxC" (blocks, e.g. 4x4) or "neurons"."""
-    if text in ("unstructured", "neurons"):
-        return text
-    rows, _, cols = text.partition("x")
-    if not (rows.isdigit() and cols.isdigit() and int(rows) > 0 and int(cols) > 0):
-        raise SystemExit(f"error: --prune-pattern {text!r}: use unstructured, neurons or a block shape such as 4x4")
-    return text
-
-
-def neuron_groups(names):
-    """Weights whose units are pruned together, per layer: [(name, axis of its units), ...]."""
-    layers = sorted({n.rsplit(".", 2)[0] for n in names}, key=lambda l: int(l.rsplit(".", 1)[1]))
-    pairs = (("query", 0, "key", 0), ("value", 0, "attn_out", 1), ("inter", 0, "out", 1))
-    return [[(f"{layer}.{a}.weight", da), (f"{layer}.{b}.weight", db)] for layer in layers for a, da, b, db in pairs]
-
-
-def block_view(x, block):
-    """(R, C) -> (R/r, r, C/c, c): a weight matrix cut into r x c blocks."""
-    r, c = block
-    assert x.shape[0] % r == 0 and x.shape[1] % c == 0, f"a {tuple(x.shape)} weight is not made of {r}x{c} blocks"
-    return x.reshape(x.shape[0] // r, r, x.shape[1] // c, c)
+    constant s_i before t_0 and s_f after t_1. The cube prunes fast while there are many
+    redundant weights and slowly near the end, when each weight matters more.
+    """
+    if step >= end_step:
+        return final_sparsity
+    if step <= begin_step:
+        return initial_sparsity
+    progress = (step - begin_step) / (end_step - begin_step)
+    return final_sparsity + (initial_sparsity - final_sparsity) * (1.0 - progress) ** 3
 
 
 def smallest_k_mask(scores, k):
@@ -123,26 +84,21 @@ def smallest_k_mask(scores, k):
     return mask.view_as(scores)
 
 
-class MagnitudePruner:
-    """Boolean masks (True = kept) for the prunable weights of a model, updated on a cubic schedule.
-
-    `score` is "magnitude" (the default), "random" or "movement"; `pattern` "unstructured" (the
-    default), "RxC" blocks or "neurons"; `global_` puts one threshold across all weights instead of
-    one per tensor (per pair of tensors for neurons).
-    """
+class GradualMagnitudePruner:
+    """Boolean masks (True = kept) for the prunable weights of a model, updated on a cubic schedule:
+    the smallest |w| of each tensor go (one threshold across all tensors with `global_`)."""
+    score, pattern = "magnitude", "unstructured"  # what the lab's LabPruner makes a choice
 
     def __init__(self, model, final_sparsity=0.9, begin_step=0, end_step=1000, prune_every=100,
-                 initial_sparsity=0.0, global_=False, score="magnitude", pattern="unstructured"):
+                 initial_sparsity=0.0, global_=False):
         self.params = prunable_parameters(model)
         assert self.params, "model has no prunable encoder Linear weights"
-        assert score in SCORES, f"score {score!r}: one of {', '.join(SCORES)}"
         self.final_sparsity, self.initial_sparsity = final_sparsity, initial_sparsity
         self.begin_step, self.end_step, self.prune_every = begin_step, end_step, prune_every
-        self.global_, self.score, self.pattern = global_, score, parse_pattern(pattern)
+        self.global_ = global_
         self.frozen = False
         self.current_target = initial_sparsity  # the sparsity of the last mask update
         self.masks = {name: torch.ones_like(p, dtype=torch.bool) for name, p in self.params.items()}
-        self.movement = {name: torch.zeros_like(p) for name, p in self.params.items()} if score == "movement" else {}
 
     @classmethod
     def from_sparse_model(cls, model):
@@ -160,37 +116,18 @@ class MagnitudePruner:
         return (not self.frozen and self.begin_step <= step <= self.end_step
                 and ((step - self.begin_step) % self.prune_every == 0 or step == self.end_step))
 
-    @torch.no_grad()
     def accumulate(self):
-        """After loss.backward(): add -w * dL/dw to the movement scores (a no-op for the other scores)."""
-        for name, m in self.movement.items():
-            if self.params[name].grad is not None:
-                m -= self.params[name] * self.params[name].grad
+        """Called right after loss.backward(), for scores that read the gradients; |w| needs none."""
 
     @torch.no_grad()
     def units(self):
-        """{group: (unit scores, already pruned)}: the units the pattern prunes whole, each group a
-        tensor (unstructured, blocks) or a tuple of (tensor, axis) pairs (neurons)."""
-        scores = {n: SCORES[self.score](p, self.movement.get(n)) for n, p in self.params.items()}
-        units = {}
-        if self.pattern == "neurons":
-            for group in neuron_groups(self.params):
-                unit = sum(scores[name].sum(1 - axis) for name, axis in group)  # a row or a column each
-                name, axis = group[0]
-                units[tuple(group)] = (unit, ~self.masks[name].any(1 - axis))
-        else:
-            block = (1, 1) if self.pattern == "unstructured" else tuple(map(int, self.pattern.split("x")))
-            for name, s in scores.items():
-                units[name] = (block_view(s, block).sum((1, 3)), ~block_view(self.masks[name], block).any(3).any(1))
-        return units
+        """{group: (unit scores, already pruned)}: here each tensor is a group and each weight a unit,
+        scored by its magnitude."""
+        return {name: (p.abs(), ~self.masks[name]) for name, p in self.params.items()}
 
     def masks_of(self, group, keep):
-        """The weight masks of `group` whose units `keep` (bool) says to keep."""
-        if isinstance(group, tuple):  # neurons: a unit is a row (axis 0) or a column (axis 1) of each weight
-            return {name: (keep[:, None] if axis == 0 else keep[None, :]).expand_as(self.params[name]).clone()
-                    for name, axis in group}
-        r, c = self.params[group].shape[0] // keep.shape[0], self.params[group].shape[1] // keep.shape[1]
-        return {group: keep.repeat_interleave(r, 0).repeat_interleave(c, 1)}
+        """The weight masks of `group` whose units `keep` (bool) says to keep: here, keep itself."""
+        return {group: keep.clone()}
 
     @torch.no_grad()
     def update(self, step):
@@ -209,8 +146,6 @@ class MagnitudePruner:
             keep = {group: smallest_k_mask(unit, round(s * unit.numel())) for group, (unit, _) in units.items()}
         for group, k in keep.items():
             self.masks.update(self.masks_of(group, k))
-        for m in self.movement.values():
-            m.zero_()  # movement counts from one update to the next
         self.apply()
         return True
 
@@ -242,14 +177,16 @@ class MagnitudePruner:
         return {"masks": dict(self.masks), "frozen": self.frozen, "final_sparsity": self.final_sparsity,
                 "initial_sparsity": self.initial_sparsity, "begin_step": self.begin_step,
                 "end_step": self.end_step, "prune_every": self.prune_every, "global_": self.global_,
-                "score": self.score, "pattern": self.pattern, "movement": dict(self.movement)}
+                "score": self.score, "pattern": self.pattern, "movement": {}}
 
     def load_state_dict(self, state):
         masks = state["masks"]
         if set(masks) != set(self.params) or any(masks[n].shape != p.shape for n, p in self.params.items()):
             raise ValueError("pruning masks do not match this model's prunable weights (checkpoint of another config?)")
+        made_with = (state.get("score", "magnitude"), state.get("pattern", "unstructured"))
+        if made_with != (self.score, self.pattern):
+            raise ValueError(f"these masks were made with score {made_with[0]}, pattern {made_with[1]}: load them "
+                             f"into pruning_lab.LabPruner")
         for key in ("frozen", "final_sparsity", "initial_sparsity", "begin_step", "end_step", "prune_every", "global_"):
             setattr(self, key, state[key])
-        self.score, self.pattern = state.get("score", "magnitude"), state.get("pattern", "unstructured")
         self.masks = {n: m.to(device=self.params[n].device, dtype=torch.bool) for n, m in masks.items()}
-        self.movement = {n: m.to(self.params[n].device) for n, m in state.get("movement", {}).items()}

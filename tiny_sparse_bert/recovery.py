@@ -1,5 +1,6 @@
 """Does it match? The floor a score must clear, and recovery with a 95% interval.
 
+A support module of finetune.py: the paper can be followed without it; its numbers are the claim's test.
 Sparse*BERT claims an equality (Campos et al. 2022: the sparse model "can match" the dense one), so
 a point estimate of recovery is not enough: this module puts an interval on it, and a floor under
 every score.

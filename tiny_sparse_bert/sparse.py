@@ -1,5 +1,6 @@
 """Making sparsity pay: a compressed checkpoint format and a sparse-matrix CPU inference path.
 
+A support module: the paper can be followed without it.
 A pruned weight in plain PyTorch is a dense tensor full of zeros: as large and as slow as before.
 
 - `save_sparse` / `load_sparse`: each pruned weight stored as a bitmask of its non-zeros (one bit
@@ -25,9 +26,10 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from .model import BertConfig, BertForMaskedLM, save_hf
+from .hf import save_hf
+from .model import BertConfig, BertForMaskedLM
 from .pruning import prunable_parameters
-from .train import load_checkpoint
+from .bookkeeping import load_checkpoint
 
 FORMAT = "tiny-sparse-bert/bitmask-v1"
 

@@ -1,5 +1,6 @@
 """Downstream tasks: readers for each format in data/README.md, encoding, and the metrics.
 
+A support module of finetune.py: the paper can be followed without it.
 The biomedical tasks of BioBERT / BLURB that Sparse*BERT reports (Campos et al. 2022, table 2):
 NER (NCBI-disease, BC5CDR-chem, BC5CDR-disease), relation classification (ChemProt) and
 sentence classification (HoC, multi-label; NICTA-PIBOSO as a stand-in for PubMed RCT; PubMedQA),
@@ -38,7 +39,8 @@ def read_ner(path, columns=None):
                 continue
             parts = line.split(" ") if columns == 4 else line.split("\t")
             if len(parts) != (columns or 2):
-                raise ValueError(f"{path}:{n}: expected '{'token POS chunk TAG' if columns == 4 else 'token<TAB>tag'}', "
+                expected = "token POS chunk TAG" if columns == 4 else "token<TAB>tag"
+                raise ValueError(f"{path}:{n}: expected '{expected}', "
                                  f"got {line[:60]!r}")
             tag = parts[-1]
             if not (tag == "O" or tag[:1] in "BI" and (len(tag) == 1 or tag[1] == "-")):
@@ -130,9 +132,10 @@ class Task:
     metric: str     # the headline metric in the results table
 
 
+NER_SPLITS = ("train.tsv", "devel.tsv", "test.tsv")
 TASKS = {
-    "ncbi_disease": Task("ncbi_disease", "ner", "ner_ncbi_disease", ("train.tsv", "devel.tsv", "test.tsv"), read_ner, "f1"),
-    "bc5cdr_chem": Task("bc5cdr_chem", "ner", "ner_bc5cdr_chem", ("train.tsv", "devel.tsv", "test.tsv"), read_ner, "f1"),
+    "ncbi_disease": Task("ncbi_disease", "ner", "ner_ncbi_disease", NER_SPLITS, read_ner, "f1"),
+    "bc5cdr_chem": Task("bc5cdr_chem", "ner", "ner_bc5cdr_chem", NER_SPLITS, read_ner, "f1"),
     "bc5cdr_disease": Task("bc5cdr_disease", "ner", "ner_bc5cdr_disease", ("train.tsv", "devel.tsv", "test.tsv"),
                            read_ner, "f1"),
     "chemprot": Task("chemprot", "cls", "re_chemprot", ("train.jsonl", "dev.jsonl", "test.jsonl"), read_chemprot,
@@ -155,7 +158,7 @@ def get_task(spec):
         return TASKS[spec]
     kind, sep, folder = spec.partition(":")
     if sep and kind == "ner":
-        return Task(f"ner:{os.path.basename(folder.rstrip('/'))}", "ner", folder, ("train.tsv", "devel.tsv", "test.tsv"),
+        return Task(f"ner:{os.path.basename(folder.rstrip('/'))}", "ner", folder, NER_SPLITS,
                     read_ner, "f1")
     if sep and kind == "cls":
         return Task(f"cls:{os.path.basename(folder.rstrip('/'))}", "cls", folder, ("train.tsv", "dev.tsv", "test.tsv"),

@@ -1,5 +1,6 @@
 """Fine-tuning bookkeeping for finetune.py: recipe grids, seeds, selection on dev, scoring, the table.
 
+A support module: the paper can be followed without it (finetune.py's `finetune_run` is the step).
 Sparse*BERT's comparison (Campos et al. 2022, table 2) is fair only when every model gets the same
 search. finetune.py runs, for each (model, task), every recipe of the grid with its first seeds,
 keeps the recipe with the best mean *dev* score (test is never looked at), then runs the other
@@ -18,19 +19,21 @@ import json
 import math
 import os
 import shutil
+import signal
 import statistics
-from dataclasses import replace
+from dataclasses import asdict, replace
 
 import numpy as np
 import torch
 
-from .config import dense_counterpart, load_run
+from .bookkeeping import file_sha256, load_checkpoint, save_checkpoint
+from .config import check_run_dir, check_writable, dense_counterpart, load_run
 from .model import BertConfig, BertForMaskedLM, BertForSequenceClassification, BertForTokenClassification
-from .recovery import FLOOR_MARGIN
-from .tasks import (best_threshold, collate, entity_f1, example_counts, f1_scores, label_list, length_grouped_batches,
-                    load_splits, multilabel_f1)
+from .recovery import FLOOR_MARGIN, floor_score
+from .tasks import (best_threshold, collate, encode, entity_f1, example_counts, f1_scores, get_task, label_list,
+                    length_grouped_batches, load_splits, multilabel_f1)
 from .pruning import prunable_parameters
-from .train import autocast, to_device
+from .runtime import autocast, barrier, to_device
 
 
 def grid(option, text):
@@ -225,6 +228,136 @@ def search_recipes(run_seed, recipes, fallback, n_search, n_seeds, shared=None, 
         runs += [{**run_seed(tuple(shared), seed), "selected": False} for seed in range(n_seeds)
                  if not any(recipe_of(r) == tuple(shared) and r["seed"] == seed for r in runs)]
     return recipe, runs
+
+
+def stop_quietly_until_the_first_run():
+    """Ctrl-C (or a scheduler's stop) while data and models load: one line, not a traceback."""
+    def stopped(signum, frame):
+        print("stopped before the first run: nothing to keep")
+        raise SystemExit(130)
+    signal.signal(signal.SIGINT, stopped)
+    signal.signal(signal.SIGTERM, stopped)
+
+
+def check_arguments(cfg):
+    """finetune.py's grids, task and model names and directories, checked before any data is read;
+    returns (model directories, tasks)."""
+    for option in ("epochs", "lr", "lr_fallback", "distill_hardness"):
+        if option != "lr_fallback" or cfg.lr_fallback:
+            grid(option.replace("_", "-"), getattr(cfg, option))
+    model_dirs = [m for m in cfg.models.split(",") if m]
+    tasks = [get_task(t) for t in cfg.tasks.split(",") if t]
+    check_names(model_dirs, tasks, cfg.random_baseline, cfg.seeded)
+    for directory in model_dirs:
+        check_run_dir(directory, "--models", "train_general.py or train_bio.py")
+    check_writable(cfg.out)
+    return model_dirs, tasks
+
+
+def claim_runs(cfg, bookkeeping, model_dirs, rank=0, world=1):
+    """The runs already in --out: continued when this is the command that made them (the same
+    settings, apart from `bookkeeping`, and the same checkpoint files), else refused; returns
+    (settings, {"model | task | recipe | seed": run})."""
+    settings = {k: v for k, v in asdict(cfg).items() if k not in bookkeeping}
+    settings["checkpoints"] = {d: file_sha256(os.path.join(d, "ckpt.pt")) for d in model_dirs}  # the exact models
+    if rank == 0:
+        claim_out_dir(cfg.out, settings, cfg.overwrite)
+    barrier(world)
+    finished = recorded_runs(cfg.out)[1]
+    if finished:
+        print(f"{len(finished)} runs already finished in {cfg.out}/{RUNS_FILE}: not run again")
+    return settings, finished
+
+
+def finetune_models(encoders, tasks, splits, labels, finetune_run, cfg, finished, settings, device, rank=0):
+    """finetune.py's step 3 for every model on every task: the same recipe grid and seeds for all
+    (`search_recipes`), dense models first (with --distill-hardness they teach their sparse
+    counterparts). `finetune_run(task, mlm, sparse, encoded, epochs, lr, seed, teacher, hardness,
+    dev_floor)` is one run; each finished run goes to cfg.out/runs.json at once (`save_runs`), and
+    a run already in `finished` is not run again. Returns (results, info, floors): results[name][task]
+    = {"recipe", "runs"}, info[name] about each encoder, floors[task] = {"dev", "test"} (the
+    commonest training label's scores)."""
+    recipes = [(epochs, lr) for epochs in grid("epochs", cfg.epochs) for lr in grid("lr", cfg.lr)]
+    fallback = [(epochs, lr, 0.0) for epochs in grid("epochs", cfg.epochs) for lr in
+                (grid("lr-fallback", cfg.lr_fallback) if cfg.lr_fallback else [])]
+    hardness_grid = grid("distill-hardness", cfg.distill_hardness)
+    distilling = any(h > 0 for h in hardness_grid)
+    names_in_run = [name for name, *_ in encoders]
+    results = {name: {} for name in names_in_run}  # name -> task -> {"recipe": (epochs, lr, hardness), "runs": [...]}
+    info, teachers = {}, {}  # teachers[(dense model, task)] = its fine-tuned weights (or their file) per seed
+    floors, encodings = {}, {}  # encoded once per tokenizer and task (the checkpoints of one run share one)
+
+    def finetune_model(name, mlm, sparse, tokenizer):  # every task, with the same search
+        n_seeds = seeds_for(name, cfg.seeded, cfg.seeds, cfg.other_seeds)
+        info[name] = encoder_info(mlm, sparse)
+        is_teacher = distilling and name in map(dense_counterpart, names_in_run)
+        teacher_name = dense_counterpart(name) if distilling and sparse else None
+        if teacher_name and teacher_name not in names_in_run:
+            print(f"note: {name} is fine-tuned without distillation: its teacher {teacher_name} is not in --models")
+            teacher_name = None
+        info[name]["teacher"] = teacher_name
+        model_recipes = [(e, lr, h) for e, lr in recipes for h in (hardness_grid if teacher_name else [0.0])]
+        for task in tasks:
+            key = (tokenizer.to_str(), task.name)
+            if key not in encodings:
+                encodings[key] = {s: encode(task, ex, tokenizer, labels[task.name], cfg.max_len)
+                                  for s, ex in splits[task.name].items()}
+                floors.setdefault(task.name, {s: floor_score(task, encodings[key]["train"], encodings[key][s],
+                                                             labels[task.name]) for s in ("dev", "test")})
+            states = {}
+
+            def run_seed(recipe, seed):
+                epochs, lr, hardness = recipe
+                state_file = os.path.join(cfg.out, "teachers", name, task.name, f"{epochs:g}-{lr:g}-{seed}.pt")
+                run_id = run_key(name, task.name, *recipe, seed)
+                if run_id in finished:  # an earlier process finished it; a teacher's weights were saved with it
+                    run, state = finished[run_id], state_file
+                else:
+                    teacher = None
+                    if hardness > 0:  # the dense counterpart fine-tuned with this seed, frozen, in eval mode
+                        weights = teachers.get((teacher_name, task.name), [None] * (seed + 1))[seed]
+                        weights = load_checkpoint(weights)["model"] if isinstance(weights, str) else weights
+                        teacher = weights and head_model(task, mlm, len(labels[task.name]), cfg.dropout, weights)
+                        teacher = teacher and teacher.to(device).eval().requires_grad_(False)
+                    if hardness > 0 and teacher is None:
+                        run, state = failed_run(*recipe, seed, "its teacher's run failed"), None
+                    else:
+                        run, state = finetune_run(task, mlm, sparse, encodings[key], epochs, lr, seed, teacher,
+                                                  hardness, floors[task.name]["dev"])
+                    if rank == 0 and is_teacher and state is not None:
+                        save_checkpoint(state_file, model=state)
+                    finished[run_id] = run
+                    if rank == 0:
+                        save_runs(cfg.out, settings, finished)
+                    print(run_summary(name, task, run))
+                if is_teacher:
+                    states[(epochs, lr, seed)] = state
+                return run
+
+            dense_recipe = results.get(dense_counterpart(name), {}).get(task.name, {}).get("recipe")
+            shared = dense_recipe if cfg.shared_recipe and sparse and n_seeds == cfg.seeds else None
+            recipe, runs = search_recipes(run_seed, model_recipes, fallback, cfg.search_seeds, n_seeds, shared,
+                                          say=lambda text: print(f"note: {name} / {task.name}: {text}"))
+            results[name][task.name] = {"recipe": recipe, "runs": runs}
+            if is_teacher and recipe:
+                teachers[(name, task.name)] = [states[(*recipe[:2], seed)] for seed in range(n_seeds)]
+        if sparse:
+            info[name]["mask_unchanged"] = True  # checked after every run
+        if cfg.prune_during_finetune > 0 and not sparse:
+            info[name]["pruned_in_finetune"] = cfg.prune_during_finetune
+
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # from here on, a stop keeps the finished runs
+    signal.signal(signal.SIGTERM, signal.default_int_handler)  # a batch scheduler's stop: as Ctrl-C
+    try:
+        for name, mlm, sparse, tokenizer in sorted(encoders, key=lambda e: e[2]):  # dense models first: they teach
+            finetune_model(name, mlm, sparse, tokenizer)
+    except (KeyboardInterrupt, SystemExit) as e:  # train() exits with 130 after Ctrl-C
+        if isinstance(e, SystemExit) and e.code != 130:
+            raise
+        print(f"stopped: {len(finished)} finished runs are kept in {cfg.out}/{RUNS_FILE}; run the same command "
+              f"again to continue (--overwrite starts over)")
+        raise SystemExit(130) from None
+    return results, info, floors
 
 
 def failed_run(epochs, lr, hardness, seed, why, dev_curve=()):
