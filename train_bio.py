@@ -62,7 +62,7 @@ out_dir = cfg.out or os.path.join(os.path.dirname(os.path.normpath(cfg.init)),
 if os.path.abspath(out_dir) == os.path.abspath(cfg.init):
     raise SystemExit(f"error: --out {out_dir} is the --init directory; choose another --out")
 ckpt_path, record_path = os.path.join(out_dir, "ckpt.pt"), os.path.join(out_dir, "record.jsonl")
-claim_run_dir(cfg, out_dir, [(ckpt_path, PRETRAIN_BOOKKEEPING, "steps")])  # an earlier run: --resume, --overwrite
+claim_run_dir(cfg, out_dir, [(ckpt_path, PRETRAIN_BOOKKEEPING, "steps")], "train_bio.py")  # an earlier run?
 init, tokenizer = load_run(cfg.init, "--init", "train_general.py")  # finished, with its own tokenizer
 torch.manual_seed(cfg.seed)
 rank, world, device, bf16 = start_up(cfg, preset)  # prints the config; only rank 0 prints from here on

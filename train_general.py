@@ -102,7 +102,7 @@ t_start = time.time()
 
 # an earlier run in --out is continued (--resume), replaced (--overwrite), or left alone
 existing = claim_run_dir(cfg, cfg.out, [(dense_ckpt, PRETRAIN_BOOKKEEPING + PHASE2, "dense_steps"),
-                                        (sparse_ckpt, PRETRAIN_BOOKKEEPING, "prune_steps")])
+                                        (sparse_ckpt, PRETRAIN_BOOKKEEPING, "prune_steps")], "train_general.py")
 if cfg.overwrite and rank == 0:  # every file of the old run; a new dense model makes every sparse one stale
     remove_run_files([dense_dir] + glob.glob(os.path.join(cfg.out, "general-sparse*")))
 barrier(world)

@@ -7,7 +7,6 @@ import torch
 from tiny_sparse_bert.data import (Blocks, CLS_ID, MASK_ID, NUM_SPECIAL, PAD_ID, SEP_ID, SPECIAL_TOKENS,
                                     load_tokenizer, mask_tokens, read_gutenberg, read_id_text, read_wikipedia,
                                     tokenize_corpus, train_tokenizer)
-from tiny_sparse_bert.evaluation import unigram_entropy
 from tiny_sparse_bert.model import IGNORE_INDEX
 
 WIKI = """<doc id="1" url="?curid=1" title="Jarred Shaw">
@@ -162,10 +161,6 @@ def test_blocks_deterministic_and_sharded():
     assert x.shape == (4, 64) and (x[:, 0] == CLS_ID).all() and (x[:, -1] == SEP_ID).all() and mask.all()
     assert torch.equal(x, Blocks(tokens, 64, 4, seed=1).batch(3)[0])
     assert not torch.equal(x, blocks.batch(4)[0])
-
-
-def test_unigram_entropy():
-    assert unigram_entropy(np.array([5, 6, 7, 8] * 10 + [CLS_ID] * 7)) == pytest.approx(np.log(4))
 
 
 def test_missing_inputs_are_one_line_errors(tmp_path):

@@ -90,3 +90,14 @@ def test_the_floor_is_the_commonest_training_label():
     test = [{"y": y} for y in (1, 1, 0, 2)]
     assert floor_score(cls, train, test, ["a", "b", "c"]) == 0.5
     assert floor_score(Task("n", "ner", "", (), None, "f1"), train, test, ["O"]) == 0.0
+
+
+def test_a_model_whose_every_run_failed_gets_no_interval_and_no_error():
+    """`--lr 1e30`: every run diverges, no recipe is selected; the table still gets written."""
+    task = Task("t", "cls", "", (), None, "accuracy")
+    results = synthetic_results(task, 100, {"m-dense": 0.8, "m-sparse90": 0.7})
+    results["m-sparse90"]["t"] = {"recipe": None, "runs": [{**r, "failed": "loss is not finite"}
+                                                          for r in results["m-sparse90"]["t"]["runs"]]}
+    boot = bootstrap(results, [task], "m-sparse90", "m-dense")
+    assert boot == {"tasks": {}, "average": None}
+    intervals_table(("m-sparse90", "m-dense"), boot)

@@ -419,3 +419,45 @@ def test_finetune_floors_fallback_rates_and_intervals(bio, mirror_data, tmp_path
         assert row["gap_ci"][0] <= row["gap"] <= row["gap_ci"][1]
     assert "| floor (commonest label) |  |  |  | 0.0 |" in (tmp_path / "results.md").read_text()
     assert "bio-sparse90 at its own dev-selected recipe, test scores x100:" in log
+
+
+def test_a_second_process_into_one_out_is_refused(general, bio, mirror_data, tmp_path):
+    """Two training runs into one --out at once: the second stops with a one-line error, nothing written."""
+    out, _ = bio
+    (tmp_path / ".lock").write_text(str(os.getpid()))  # a live process writing there
+    line = run_failing(["train_general.py", "--preset", "tiny", "--data", mirror_data, "--out", str(tmp_path)])
+    assert line.startswith(f"error: another process (pid {os.getpid()}) is writing to {tmp_path}")
+    assert sorted(os.listdir(tmp_path)) == [".lock"]
+    bio_out = tmp_path / "bio"
+    bio_out.mkdir()
+    (bio_out / ".lock").write_text(str(os.getpid()))
+    line = run_failing(["train_bio.py", "--preset", "tiny", "--data", mirror_data, "--init",
+                        str(out / "general-sparse90"), "--out", str(bio_out)])
+    assert line.startswith(f"error: another process (pid {os.getpid()}) is writing to {bio_out}")
+
+
+def test_a_resumed_phase_cannot_end_short_of_its_target(general, mirror_data, tmp_path):
+    """Phase 2 stopped at step 11 of 30: resumed with fewer steps than it ran, or with a schedule whose
+    last mask update has passed, it is refused before anything is written."""
+    out, _ = general
+    shutil.copytree(out, tmp_path / "run", ignore=shutil.ignore_patterns("bio-*", "finetune*"))
+    path = tmp_path / "run" / "general-sparse90" / "ckpt.pt"
+    ckpt = torch.load(path, weights_only=True)
+    ckpt.update(step=11, finished=False)
+    ckpt["pruner"]["masks"] = {n: torch.ones_like(m) for n, m in ckpt["pruner"]["masks"].items()}  # not pruned yet
+    torch.save(ckpt, path)
+    before = path.read_bytes()
+    args = ["train_general.py", "--preset", "tiny", "--data", mirror_data, "--out", str(tmp_path / "run"), "--resume"]
+    line = run_failing(args + ["--prune-steps", "10"])
+    assert "has run 11 steps; --prune-steps 10 would end the phase before that" in line
+    line = run_failing(args + ["--prune-steps", "15"])  # prune_end 0.7: the last update at step 10 < 11
+    assert "the last mask update would be step 10, so it would end below --final-sparsity 0.9" in line
+    assert path.read_bytes() == before
+
+
+def test_options_that_would_fail_later_are_refused_at_start_up(mirror_data, tmp_path):
+    args = ["train_general.py", "--preset", "tiny", "--data", mirror_data, "--out", str(tmp_path / "out")]
+    assert run_failing(args + ["--lr", "inf"]) == "error: --lr inf: must be a finite number > 0"
+    line = run_failing(args + ["--prune-pattern", "3x5"])  # 64 and 128 wide at the tiny size
+    assert line.startswith("error: --prune-pattern 3x5: the prunable weights (64 and 128 wide) are not made of")
+    assert not (tmp_path / "out").exists()

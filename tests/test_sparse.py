@@ -33,7 +33,7 @@ def test_round_trip_is_exact_and_small(tmp_path):
 
 
 def test_errors(tmp_path):
-    with pytest.raises(ValueError, match="no pruning masks"):
+    with pytest.raises(ValueError, match="only 0.0% of its prunable weights are zero"):
         save_sparse(BertForMaskedLM(CFG), str(tmp_path / "x.pt"))
     model, _ = pruned(BertForMaskedLM(CFG))
     save_sparse(model, str(tmp_path / "m.pt"))
@@ -53,6 +53,17 @@ def test_errors(tmp_path):
     sparse_dir = tmp_path / "sparse"
     save_checkpoint(str(sparse_dir / "ckpt.pt"), model=model.state_dict(), model_config=CFG.__dict__, pruner={})
     main([str(sparse_dir), "--to", str(tmp_path / "new" / "folder" / "m.sparse.pt")])  # the folder is made
+    before = (sparse_dir / "ckpt.pt").read_bytes()
+    with pytest.raises(SystemExit, match="a training run's own file name"):  # never over the run's checkpoint
+        main([str(sparse_dir), "--to", str(sparse_dir / "ckpt.pt")])
+    with pytest.raises(SystemExit, match="holds a training run"):  # nor over its config.json
+        main([str(sparse_dir), "--hf", str(sparse_dir)])
+    assert (sparse_dir / "ckpt.pt").read_bytes() == before
+    few = BertForMaskedLM(CFG)
+    pruned(few, 0.3)
+    save_checkpoint(str(tmp_path / "few" / "ckpt.pt"), model=few.state_dict(), model_config=CFG.__dict__, pruner={})
+    with pytest.raises(SystemExit, match="only 30.0% of its prunable weights are zero"):
+        main([str(tmp_path / "few"), "--to", str(tmp_path / "few.sparse.pt")])
     assert (tmp_path / "new" / "folder" / "m.sparse.pt").exists()
     (sparse_dir / "ckpt.pt").write_bytes((sparse_dir / "ckpt.pt").read_bytes()[:3000])
     with pytest.raises(SystemExit, match="ckpt.pt is damaged or not a checkpoint"):

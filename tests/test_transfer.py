@@ -7,7 +7,7 @@ import torch
 from tiny_sparse_bert.data import train_tokenizer
 from tiny_sparse_bert.tasks import Task, encode, entity_f1, read_ner
 from tiny_sparse_bert.transfer import (RUNS_FILE, check_names, claim_out_dir, evaluate, grid, recorded_runs,
-                                       results_table, run_key, save_runs, select_recipe)
+                                       results_table, run_key, save_runs, search_recipes, select_recipe)
 
 
 def run(lr, seed, dev, test=None, failed=None, selected=False):
@@ -71,7 +71,7 @@ def test_a_second_process_is_refused_and_a_stale_lock_is_taken_over(tmp_path):
     out = tmp_path / "ft"
     out.mkdir()
     (out / ".lock").write_text(str(os.getpid()))  # a live process holds it
-    with pytest.raises(SystemExit, match=rf"another finetune.py \(pid {os.getpid()}\) is writing to"):
+    with pytest.raises(SystemExit, match=rf"another process \(pid {os.getpid()}\) is writing to"):
         claim_out_dir(str(out), {}, overwrite=False)
     (out / ".lock").write_text("999999999")  # no such process: left behind by a crash
     claim_out_dir(str(out), {}, overwrite=False)
@@ -135,3 +135,29 @@ def test_ner_words_without_pieces_keep_gold_and_predictions_paired(tmp_path):
     scores = evaluate(Oracle(items, len(labels)), task, items, labels, torch.device("cpu"))
     assert scores["f1"] == 1.0
     assert entity_f1([s for _, s in sentences], [s for _, s in sentences])["f1"] == 1.0
+
+
+def test_a_lock_that_is_a_link_is_never_followed(tmp_path):
+    out, target = tmp_path / "ft", tmp_path / "precious.txt"
+    out.mkdir()
+    target.write_text("keep me")
+    os.symlink(target, out / ".lock")
+    claim_out_dir(str(out), {}, overwrite=False)
+    assert target.read_text() == "keep me" and not os.path.islink(out / ".lock")
+
+
+def test_a_grid_names_each_value_once():
+    assert grid("lr", "1.5e-3,3e-3") == [1.5e-3, 3e-3]
+    with pytest.raises(SystemExit, match="gives 0.0015 twice"):  # one run would count as two seeds
+        grid("lr", "1.5e-3,1.5e-3")
+    with pytest.raises(SystemExit, match="positive, finite"):
+        grid("lr", "1e-3,inf")
+
+
+def test_a_fallback_rate_the_grid_holds_is_not_run_twice():
+    def run_seed(recipe, seed):  # every run ends at the floor: the fallback rates are tried
+        return {"epochs": recipe[0], "lr": recipe[1], "distill_hardness": recipe[2], "seed": seed, "dev": 0.1,
+                "at_floor": True}
+    _, runs = search_recipes(run_seed, [(5, 1e-3, 0.0)], [(5, 1e-3, 0.0), (5, 5e-4, 0.0)], 1, 2)
+    keys = [(r["lr"], r["seed"]) for r in runs]
+    assert len(keys) == len(set(keys)) and (5e-4, 0) in keys

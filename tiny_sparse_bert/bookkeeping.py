@@ -15,6 +15,7 @@ optimizer, masks, step, RNG state, configs. Batches are a pure function of the s
 position is the step. Ctrl-C (or SIGTERM) saves a checkpoint and exits; a non-finite loss stops
 the run and leaves the last good checkpoint in place: no checkpoint ever holds a non-finite tensor.
 """
+import atexit
 import errno
 import hashlib
 import json
@@ -42,6 +43,41 @@ def file_sha256(path):
     return h.hexdigest()
 
 
+def process_alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, but another user's
+        return True
+    return True
+
+
+def lock_dir(directory, script):
+    """Refuse a second process writing into `directory` at once (a one-line error naming the first):
+    a `.lock` file holds the writer's pid while it runs, and is removed at exit; one left behind by
+    a process that is gone (killed, crashed) is taken over. Returns the function that releases it."""
+    os.makedirs(directory, exist_ok=True)
+    lock = os.path.join(directory, ".lock")
+    for _ in range(2):
+        try:
+            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+            break
+        except FileExistsError:
+            pid = "" if os.path.islink(lock) else open(lock, errors="replace").read().strip()
+            if pid.isdigit() and process_alive(int(pid)):
+                raise SystemExit(f"error: another process (pid {pid}) is writing to {directory}; wait for it to end, "
+                                 f"or give {script} another --out") from None
+            os.remove(lock)  # left behind by a process that is gone (a link is removed, never followed)
+    else:
+        raise SystemExit(f"error: could not take {lock}; another process keeps creating it")
+    os.write(fd, str(os.getpid()).encode())
+    os.close(fd)
+    release = lambda: os.path.exists(lock) and open(lock).read().strip() == str(os.getpid()) and os.remove(lock)
+    atexit.register(release)
+    return release
+
+
 def save_checkpoint(path, **state):
     """torch.save to a temporary file, then rename: a crash never leaves a half-written checkpoint.
 
@@ -49,7 +85,7 @@ def save_checkpoint(path, **state):
     the previous checkpoint, if any, stays as it was.
     """
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = path + ".tmp"
+    tmp = f"{path}.{os.getpid()}.tmp"  # one per process: two writers never share a temporary file
     try:
         with open(tmp, "wb") as f:  # a file object, so a full disk is an OSError (ENOSPC)
             torch.save(state, f)
@@ -178,26 +214,6 @@ class Reporting:
     record_path: Optional[str] = None
 
 
-@dataclass
-class Checkpoints:
-    """Where `train` saves (None: nowhere), how often, from which step it resumes, and what else
-    each checkpoint holds (configs, tokenizer path, ...)."""
-    path: Optional[str] = None
-    every: int = 500
-    start_step: int = 0
-    extra_state: dict = field(default_factory=dict)
-
-
-@dataclass
-class Reporting:
-    """A log line every `log_every` steps, `eval_fn(step)` (returns a line) every `eval_every`, and
-    every log line and mask update appended to the JSON-lines `record_path` (if given)."""
-    log_every: int = 50
-    eval_fn: Optional[Callable] = None
-    eval_every: int = 0
-    record_path: Optional[str] = None
-
-
 class Bookkeeper:
     """The bookkeeping of one `train` call (see the module docstring for its three calls).
 
@@ -290,8 +306,17 @@ class Bookkeeper:
         self.loss_sum.zero_()
 
     def save_final(self):
-        """After the last step (outside the Ctrl-C handler): the finished checkpoint."""
+        """After the last step (outside the Ctrl-C handler): the finished checkpoint. A run whose
+        pruning schedule has ended, short of its final sparsity, is saved unfinished, and stops with
+        a one-line error."""
         self.check_finite()
+        pruner = self.pruner
+        if (pruner and not pruner.frozen and pruner.end_step < self.steps_total
+                and pruner.sparsity() < pruner.final_sparsity - 1e-3):
+            self.save(self.steps_total, finished=False)
+            raise SystemExit(f"error: the run ended at {pruner.sparsity():.1%} sparsity, short of its final "
+                             f"{pruner.final_sparsity:.1%} (its last mask update came too early); saved unfinished"
+                             + (f" in {self.ckpt.path}" if self.ckpt.path else ""))
         self.save(self.steps_total)
 
     def stop(self, what, step):
@@ -308,15 +333,16 @@ class Bookkeeper:
         if bad_step >= 0:
             self.stop("loss or gradient norm is not finite", bad_step)
 
-    def save(self, step):
-        """The checkpoint after `step` completed steps (none without a ckpt.path, none from rank > 0)."""
+    def save(self, step, finished=True):
+        """The checkpoint after `step` completed steps (none without a ckpt.path, none from rank > 0);
+        marked finished once it holds the last step."""
         if not (self.is_main and self.ckpt.path):
             return
         pruner, device = self.pruner, self.device
         state = dict(model=self.model.state_dict(), optimizer=self.optimizer.state_dict(),
-                     finished=step >= self.steps_total, pruner=pruner.state_dict() if pruner else None, step=step,
-                     rng=torch.get_rng_state(), cuda_rng=torch.cuda.get_rng_state() if device.type == "cuda" else None,
-                     **self.ckpt.extra_state)
+                     finished=finished and step >= self.steps_total, pruner=pruner.state_dict() if pruner else None,
+                     step=step, rng=torch.get_rng_state(),
+                     cuda_rng=torch.cuda.get_rng_state() if device.type == "cuda" else None, **self.ckpt.extra_state)
         moments = [t for s in state["optimizer"]["state"].values() for t in s.values()]
         if not all_finite(list(state["model"].values()) + moments):
             self.stop("weights or optimizer state are not finite", step)

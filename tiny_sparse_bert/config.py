@@ -14,6 +14,7 @@ that says what to do, so an hour of training never ends in a traceback about an 
 import argparse
 import inspect
 import json
+import math
 import os
 import re
 import tempfile
@@ -21,7 +22,7 @@ from dataclasses import asdict, dataclass, fields, is_dataclass, replace
 
 from .data import load_tokenizer
 from .pruning_lab import SCORES, parse_pattern
-from .bookkeeping import file_sha256, load_checkpoint
+from .bookkeeping import file_sha256, load_checkpoint, lock_dir
 
 
 def dense_counterpart(name):
@@ -142,13 +143,14 @@ def check_options(config, positive=(), non_negative=(), fraction=(), below_one=(
     below_one: in [0, 1) (sparsities, dropout: 1 would remove everything); at_least: (name, minimum)
     pairs (a sequence needs room for [CLS], one word piece and [SEP]).
     """
-    rules = [(positive, lambda v: v > 0, "> 0"), (non_negative, lambda v: v >= 0, ">= 0"),
+    rules = [(positive, lambda v: 0 < v < math.inf, "> 0"), (non_negative, lambda v: 0 <= v < math.inf, ">= 0"),
              (fraction, lambda v: 0 <= v <= 1, "in [0, 1]"), (below_one, lambda v: 0 <= v < 1, "in [0, 1)")]
     for names, ok, what in rules:
         for name in names:
             value = getattr(config, name)
             if not ok(value):  # written as `not ok`, so that NaN is refused too
-                raise SystemExit(f"error: --{name.replace('_', '-')} {value}: must be {what}")
+                finite = "a finite number " if math.isinf(value) else ""
+                raise SystemExit(f"error: --{name.replace('_', '-')} {value}: must be {finite}{what}")
     for name, minimum in at_least:
         if not getattr(config, name) >= minimum:
             raise SystemExit(f"error: --{name.replace('_', '-')} {getattr(config, name)}: must be >= {minimum}")
@@ -179,17 +181,43 @@ def check_resume_config(path, config, ignore, steps_field):
     if ckpt["step"] >= stored.get(steps_field, 0):
         raise SystemExit(f"error: {path} is finished, with other settings ({what}); resume with the stored "
                          f"settings, or start over with --overwrite")
+    check_resumed_schedule(path, ckpt, config, steps_field)
     print(f"note: resuming {path} at step {ckpt['step']} with changed settings: {what}")
 
 
-def claim_run_dir(config, out_dir, checkpoints):
+def check_resumed_schedule(path, ckpt, config, steps_field):
+    """An unfinished phase resumed with new settings must still be able to reach its end: not fewer
+    steps than it has run, and (pruning) a schedule that still has a mask update to come if the
+    masks are short of the final sparsity. Refused before anything is written."""
+    steps, step = getattr(config, steps_field), ckpt["step"]
+    option = "--" + steps_field.replace("_", "-")
+    if steps < step:
+        raise SystemExit(f"error: {path} has run {step} steps; {option} {steps} would end the phase before that: "
+                         f"resume with {option} {step} or more, or start over with --overwrite")
+    pruner = ckpt.get("pruner")
+    if pruner and not pruner["frozen"] and steps_field == "prune_steps":
+        masks = pruner["masks"].values()
+        sparsity = 1 - sum(int(m.sum()) for m in masks) / sum(m.numel() for m in masks)
+        end = int(config.prune_end * config.prune_steps)
+        if step > end and sparsity < config.final_sparsity - 1e-3:
+            raise SystemExit(f"error: {path} is at step {step} with {sparsity:.1%} sparsity; with --prune-end "
+                             f"{config.prune_end} of --prune-steps {steps} the last mask update would be step {end}, "
+                             f"so it would end below --final-sparsity {config.final_sparsity}: resume with a later "
+                             f"--prune-end or more --prune-steps")
+
+
+def claim_run_dir(config, out_dir, checkpoints, script):
     """Decide, before any work, what happens to an earlier run in --out: continued (--resume, with
     the settings that made each saved checkpoint unchanged), replaced (--overwrite, the caller
     removes its files), or refused. `checkpoints` is [(path, options that may change, steps option)].
-    Returns the checkpoints that exist."""
+    A second process writing into the same --out at once is refused (`lock_dir`; under torchrun
+    rank 0 holds the lock for all). Returns the checkpoints that exist."""
     existing = [path for path, *_ in checkpoints if os.path.exists(path)]
     if config.resume and config.overwrite:
         raise SystemExit("error: --resume continues the run in --out, --overwrite replaces it: choose one")
+    check_writable(out_dir)
+    if int(os.environ.get("RANK", "0")) == 0:
+        lock_dir(out_dir, script)
     if existing and not (config.resume or config.overwrite):
         raise SystemExit(f"error: {existing[0]} exists (an earlier run); continue it with --resume, or start over "
                          f"with --overwrite (or choose another --out)")
@@ -197,7 +225,6 @@ def claim_run_dir(config, out_dir, checkpoints):
         for path, ignore, steps_field in checkpoints:
             if os.path.exists(path):
                 check_resume_config(path, config, ignore, steps_field)
-    check_writable(out_dir)
     return existing
 
 
@@ -256,7 +283,13 @@ def check_model_and_pruning(cfg):
                          f"hidden / n_head dimensions)")
     if cfg.prune_score not in SCORES:
         raise SystemExit(f"error: --prune-score {cfg.prune_score!r}: use {', '.join(SCORES)}")
-    parse_pattern(cfg.prune_pattern)  # unstructured, neurons or RxC
+    pattern = parse_pattern(cfg.prune_pattern)  # unstructured, neurons or RxC
+    if "x" in pattern:  # every prunable weight is hidden x hidden, intermediate x hidden or hidden x intermediate
+        rows, cols = map(int, pattern.split("x"))
+        if any(size % r for size in (cfg.hidden, cfg.intermediate) for r in (rows, cols)):
+            raise SystemExit(f"error: --prune-pattern {pattern}: the prunable weights ({cfg.hidden} and "
+                             f"{cfg.intermediate} wide) are not made of {pattern} blocks; choose block sides that "
+                             f"divide both")
     if cfg.prune_begin >= cfg.prune_end:
         raise SystemExit(f"error: --prune-begin {cfg.prune_begin} must be below --prune-end {cfg.prune_end}")
 

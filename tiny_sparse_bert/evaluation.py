@@ -19,17 +19,6 @@ from .runtime import autocast, barrier, to_device
 EVAL_MLM_PROB = 0.15  # held-out MLM is always measured with BERT's masking rate
 
 
-def unigram_entropy(tokens):
-    """Entropy in nats of the token distribution (special tokens excluded).
-
-    The cross-entropy of the best model that ignores context: an MLM that predicts the masked
-    token's corpus frequency reaches exactly this loss, so a model learns language only below it.
-    """
-    counts = np.bincount(np.asarray(tokens, dtype=np.int64))[NUM_SPECIAL:].astype(np.float64)
-    p = counts[counts > 0] / counts.sum()
-    return float(-(p * np.log(p)).sum())
-
-
 def unigram_log_probs(train_tokens, vocab_size):
     """log p(token) of a context-blind model fitted on the training tokens (add-one smoothing)."""
     counts = np.bincount(np.asarray(train_tokens, dtype=np.int64), minlength=vocab_size).astype(np.float64)

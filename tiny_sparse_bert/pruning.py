@@ -50,28 +50,6 @@ def cubic_sparsity(step, initial_sparsity, final_sparsity, begin_step, end_step)
     return final_sparsity + (initial_sparsity - final_sparsity) * (1.0 - progress) ** 3
 
 
-def prunable_parameters(model):
-    """{name: weight} of the encoder Linear weights named in PRUNABLE_MODULES, in model order."""
-    return {name: p for name, p in model.named_parameters()
-            if "layers" in name.split(".") and name.endswith(".weight") and name.split(".")[-2] in PRUNABLE_MODULES}
-
-
-def cubic_sparsity(step, initial_sparsity, final_sparsity, begin_step, end_step):
-    """Zhu & Gupta 2017, eq. 1: the target sparsity at `step`.
-
-        s_t = s_f + (s_i - s_f) * (1 - (t - t_0) / (t_1 - t_0))**3     for t_0 <= t <= t_1
-
-    constant s_i before t_0 and s_f after t_1. The cube prunes fast while there are many
-    redundant weights and slowly near the end, when each weight matters more.
-    """
-    if step >= end_step:
-        return final_sparsity
-    if step <= begin_step:
-        return initial_sparsity
-    progress = (step - begin_step) / (end_step - begin_step)
-    return final_sparsity + (initial_sparsity - final_sparsity) * (1.0 - progress) ** 3
-
-
 def smallest_k_mask(scores, k):
     """Boolean mask (True = keep) that drops exactly the k lowest scores.
 

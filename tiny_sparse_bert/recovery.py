@@ -48,10 +48,10 @@ def bootstrap(results, tasks, sparse, dense, recipes=None, n_resamples=1000, see
     picks the runs (default: each model's dev-selected ones). A task where the dense model sits at
     its floor (`floors`) gets no recovery and stays out of the average."""
     rng = np.random.default_rng(seed)
-    def picked(name, task):  # the finished runs of the recipe asked for
-        recipe = tuple((recipes or {}).get(name, {}).get(task) or results[name][task]["recipe"])
-        return [r for r in results[name][task]["runs"]
-                if not r.get("failed") and (r["epochs"], r["lr"], r["distill_hardness"]) == recipe]
+    def picked(name, task):  # the finished runs of the recipe asked for (none: every run failed)
+        recipe = (recipes or {}).get(name, {}).get(task) or results[name][task]["recipe"]
+        return [r for r in results[name][task]["runs"] if recipe is not None
+                and not r.get("failed") and (r["epochs"], r["lr"], r["distill_hardness"]) == tuple(recipe)]
 
     per_task, samples = {}, {}
     for task in tasks:

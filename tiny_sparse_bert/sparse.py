@@ -32,6 +32,7 @@ from .pruning import prunable_parameters
 from .bookkeeping import load_checkpoint
 
 FORMAT = "tiny-sparse-bert/bitmask-v1"
+RUN_FILES = ("ckpt.pt", "record.jsonl", "config.json", "tokenizer.json")  # what a training run writes
 
 
 def save_sparse(model, path, min_sparsity=0.5):
@@ -45,8 +46,8 @@ def save_sparse(model, path, min_sparsity=0.5):
     n_zero = sum(int(np.prod(s["shape"])) - s["values"].numel() for s in sparse.values())
     n_prunable = sum(int(np.prod(s["shape"])) for s in sparse.values())
     if n_zero < min_sparsity * n_prunable:
-        raise ValueError(f"the model has no pruning masks ({n_zero / n_prunable:.1%} of prunable weights are zero): "
-                         f"compress a sparse checkpoint such as out/general-sparse90")
+        raise ValueError(f"only {n_zero / n_prunable:.1%} of its prunable weights are zero: the bitmask format "
+                         f"pays from {min_sparsity:.0%}; compress a sparse checkpoint such as out/general-sparse90")
     dense = {k: v.detach().cpu() for k, v in model.state_dict().items() if k not in sparse}
     tmp = path + ".tmp"
     torch.save({"format": FORMAT, "model_config": asdict(model.config), "dense": dense, "sparse": sparse}, tmp)
@@ -168,6 +169,12 @@ def main(argv=None):
     ckpt = load_checkpoint(os.path.join(args.checkpoint, "ckpt.pt"))  # one-line errors: missing, damaged
     if "model_config" not in ckpt:
         raise SystemExit(f"error: {args.checkpoint}/ckpt.pt holds no model_config: not a checkpoint of this project")
+    if args.to and os.path.basename(args.to) in RUN_FILES:
+        raise SystemExit(f"error: --to {args.to}: a training run's own file name; write e.g. "
+                         f"{os.path.normpath(args.checkpoint)}.sparse.pt")
+    if args.hf and any(os.path.exists(os.path.join(args.hf, name)) for name in RUN_FILES[:2]):
+        raise SystemExit(f"error: --hf {args.hf} holds a training run (ckpt.pt or record.jsonl), whose config.json "
+                         f"it would replace; write e.g. {os.path.normpath(args.checkpoint)}-hf")
     for path in (args.to, args.hf):  # an output folder that does not exist yet is made
         if path:
             os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
@@ -176,7 +183,10 @@ def main(argv=None):
     if args.to:
         if ckpt.get("pruner") is None:
             raise SystemExit(f"error: {args.checkpoint} has no pruning masks (a dense model); nothing to compress")
-        size = save_sparse(model, args.to)
+        try:
+            size = save_sparse(model, args.to)
+        except ValueError as e:  # too few zeros for the format to pay
+            raise SystemExit(f"error: {args.checkpoint}: {e}") from None
         torch.save(model.state_dict(), args.to + ".dense.tmp")  # the same model saved densely, to compare
         dense_size = os.path.getsize(args.to + ".dense.tmp")
         os.remove(args.to + ".dense.tmp")

@@ -2,19 +2,11 @@
 
 A support module: the paper can be followed without it (finetune.py's `finetune_run` is the step).
 Sparse*BERT's comparison (Campos et al. 2022, table 2) is fair only when every model gets the same
-search. finetune.py runs, for each (model, task), every recipe of the grid with its first seeds,
-keeps the recipe with the best mean *dev* score (test is never looked at), then runs the other
-seeds at that recipe. This module holds what that needs besides the training loop: the grids,
-checkpoints under task heads, the metrics of a model's predictions and their floor (the score of
-ignoring the input), the choice on dev, every finished run on disk (runs.json: a stopped run
-continues), the recovery with a 95% interval from a paired bootstrap over test examples and seeds,
-and the results table (results.md) with every run (results.json).
-
-    recipe, runs = search_recipes(run_seed, recipes, fallback, n_search, n_seeds)   # one (model, task)
-    table, chosen = results_table(results, info, tasks, seeds_of, floors)
-    boot = bootstrap(results, tasks, "bio-sparse90", "bio-dense")                   # gap, recovery, intervals
+search: `finetune_models` runs, for each (model, task), every recipe of the grid with its first
+seeds, keeps the recipe with the best mean *dev* score (test is never looked at), then runs the
+other seeds at that recipe (`search_recipes`). Every finished run goes to runs.json at once (a
+stopped run continues); `results_table` and `write_results` give results.md and results.json.
 """
-import atexit
 import json
 import math
 import os
@@ -26,7 +18,7 @@ from dataclasses import asdict, replace
 import numpy as np
 import torch
 
-from .bookkeeping import file_sha256, load_checkpoint, save_checkpoint
+from .bookkeeping import file_sha256, load_checkpoint, lock_dir, save_checkpoint
 from .config import check_run_dir, check_writable, dense_counterpart, load_run
 from .model import BertConfig, BertForMaskedLM, BertForSequenceClassification, BertForTokenClassification
 from .recovery import FLOOR_MARGIN, floor_score
@@ -46,6 +38,9 @@ def grid(option, text):
     if not values or not all(ok(v) for v in values):
         what = "numbers in [0, 1]" if option == "distill-hardness" else "positive, finite numbers"
         raise SystemExit(f"error: --{option} {text!r}: give one or a comma-separated list of {what}")
+    twice = sorted({v for v in values if values.count(v) > 1})
+    if twice:  # one run would count as two seeds in the table
+        raise SystemExit(f"error: --{option} {text!r} gives {twice[0]:g} twice; give each value once")
     return values
 
 
@@ -217,6 +212,8 @@ def search_recipes(run_seed, recipes, fallback, n_search, n_seeds, shared=None, 
     for extra in fallback:
         if recipe and not all(r.get("at_floor") for r in runs if recipe_of(r) == recipe):
             break
+        if extra in recipes:  # a fallback rate the grid holds already: its runs are there, never twice
+            continue
         say(f"no rate of --lr learned on dev; trying lr {extra[1]:g}")
         runs += [run_seed(extra, seed) for seed in search]
         recipes = recipes + [extra]
@@ -467,20 +464,7 @@ def claim_out_dir(out, settings, overwrite):
     """Check, before any run, that the runs already finished in `out` were made with these `settings`
     (everything that changes a run's result), or remove them (`overwrite`); one-line errors
     otherwise. A lock file keeps a second finetune.py from writing into the same folder at once."""
-    os.makedirs(out, exist_ok=True)
-    lock = os.path.join(out, ".lock")
-    try:
-        fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-    except FileExistsError:
-        pid = open(lock).read().strip()
-        if pid.isdigit() and process_alive(int(pid)):
-            raise SystemExit(f"error: another finetune.py (pid {pid}) is writing to {out}; wait for it, "
-                             f"or choose another --out") from None
-        fd = os.open(lock, os.O_WRONLY | os.O_TRUNC)  # left behind by a process that is gone
-    os.write(fd, str(os.getpid()).encode())
-    os.close(fd)
-    release = lambda: os.path.exists(lock) and os.remove(lock)
-    atexit.register(release)
+    release = lock_dir(out, "finetune.py")
     try:
         check_out_dir(out, settings, overwrite)
     except SystemExit:
@@ -518,19 +502,10 @@ def recorded_runs(out):
         raise SystemExit(f"error: {path} is damaged; start over with --overwrite") from None
 
 
-def process_alive(pid):
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # alive, but another user's
-        return True
-    return True
-
-
 def save_runs(out, settings, runs):
     """runs.json with every finished run, written to a temporary file and renamed: never half-written."""
     path = os.path.join(out, RUNS_FILE)
-    with open(path + ".tmp", "w") as f:
+    tmp = f"{path}.{os.getpid()}.tmp"  # one per process: two writers never share a temporary file
+    with open(tmp, "w") as f:
         json.dump({"settings": settings, "runs": runs}, f, indent=1)
-    os.replace(path + ".tmp", path)
+    os.replace(tmp, path)
