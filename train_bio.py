@@ -127,5 +127,6 @@ if sparse:
     print(f"sparsity pattern unchanged: {pruner.sparsity():.2%} of encoder weights zero, the same ones as at the start")
 print(f"\ntraining {(time.time() - t_train) / 60:.1f} min, total {(time.time() - t_start) / 60:.1f} min")
 print(f"wrote {out_dir}/ (ckpt.pt, tokenizer.json, config.json)")
-print(f"next: python finetune.py --models {out_dir} ...   (see README)")
+same = "" if preset == "default" else f"--preset {preset} "  # the next step at the same size
+print(f"next: python finetune.py {same}--models {out_dir},...   (see README)")
 print(f"figures: python -m tiny_sparse_bert.plots {os.path.dirname(out_dir) or '.'}")

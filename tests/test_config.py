@@ -149,3 +149,28 @@ def test_help_describes_every_option(script):
     assert undescribed == [], f"{script}: options without a description: {undescribed}"
     if script == "train_general.py":
         assert "magnitude (the paper's) | random | movement" in out  # the choices, where the option is declared
+
+
+def test_a_checkpoint_edited_or_diverged_is_refused_in_one_line(tmp_path):
+    """--init / --models: weights that do not fit their config, an edited config, NaN weights."""
+    from tiny_sparse_bert.config import load_run
+    from tiny_sparse_bert.data import load_tokenizer, train_tokenizer
+    from tiny_sparse_bert.model import BertConfig, BertForMaskedLM
+    train_tokenizer(["a b c"] * 5, 40, str(tmp_path / "tokenizer.json"))
+    tokenizer_size = load_tokenizer(str(tmp_path / "tokenizer.json")).get_vocab_size()
+    config = BertConfig(vocab_size=tokenizer_size, n_layer=1, hidden=16, n_head=2, intermediate=32)
+    state = BertForMaskedLM(config).state_dict()
+    def saved(model, model_config):
+        save_checkpoint(str(tmp_path / "ckpt.pt"), model=model, model_config=model_config, step=1, finished=True)
+        return str(tmp_path)
+    load_run(saved(state, asdict(config)), "--models")  # as written: accepted
+    missing = {k: v for k, v in state.items() if not k.endswith("query.weight")}
+    with pytest.raises(SystemExit, match="its weights do not fit its model_config"):
+        load_run(saved(missing, asdict(config)), "--models")
+    with pytest.raises(SystemExit, match="its weights do not fit its model_config"):
+        load_run(saved(state, {**asdict(config), "intermediate": 64}), "--models")
+    with pytest.raises(SystemExit, match="its model_config does not describe a model"):
+        load_run(saved(state, {**asdict(config), "n_heads": 2}), "--models")
+    nan = {**state, "bert.emb.word.weight": state["bert.emb.word.weight"] * float("nan")}
+    with pytest.raises(SystemExit, match="holds NaN or infinite weights"):
+        load_run(saved(nan, asdict(config)), "--models")

@@ -12,7 +12,7 @@ from tiny_sparse_bert.transfer import (RUNS_FILE, check_names, claim_out_dir, ev
 
 def run(lr, seed, dev, test=None, failed=None, selected=False):
     return {"epochs": 5, "lr": lr, "distill_hardness": 0.0, "seed": seed, "teacher": False, "dev": dev,
-            "dev_curve": [], "test": test, "test_metrics": {}, "selected": selected,
+            "dev_curve": [], "test": test, "test_metrics": {}, "test_counts": [], "selected": selected,
             **({"failed": failed, "dev": None, "test": None} if failed else {})}
 
 
@@ -161,3 +161,24 @@ def test_a_fallback_rate_the_grid_holds_is_not_run_twice():
     _, runs = search_recipes(run_seed, [(5, 1e-3, 0.0)], [(5, 1e-3, 0.0), (5, 5e-4, 0.0)], 1, 2)
     keys = [(r["lr"], r["seed"]) for r in runs]
     assert len(keys) == len(set(keys)) and (5e-4, 0) in keys
+
+
+def test_a_damaged_run_in_runs_json_is_named_and_a_full_disk_keeps_the_file(tmp_path, monkeypatch):
+    import errno
+    import json
+    import tiny_sparse_bert.transfer as transfer
+    out, settings = str(tmp_path / "ft"), {"lr": "1e-3"}
+    os.makedirs(out)
+    good = run(1e-3, 0, 0.5, 0.4)
+    for damage in ({"test": float("nan")}, {"dev": "0.5"}, {"test_counts": None}):
+        save_runs(out, settings, {"a": good, "b": {**good, **damage}})
+        with pytest.raises(SystemExit, match="the run 'b' is damaged"):
+            recorded_runs(out)
+    save_runs(out, settings, {"a": good})
+    def full_disk(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(transfer.json, "dump", full_disk)
+    with pytest.raises(SystemExit, match="could not write .*No space left on device; the runs finished before"):
+        save_runs(out, settings, {"a": good, "c": good})
+    monkeypatch.undo()
+    assert recorded_runs(out) == (settings, {"a": good}) and sorted(os.listdir(out)) == ["runs.json"]

@@ -20,9 +20,12 @@ import re
 import tempfile
 from dataclasses import asdict, dataclass, fields, is_dataclass, replace
 
+import torch
+
+from .bookkeeping import all_finite, file_sha256, load_checkpoint, lock_dir
 from .data import load_tokenizer
+from .model import BertConfig, BertForMaskedLM
 from .pruning_lab import SCORES, parse_pattern
-from .bookkeeping import file_sha256, load_checkpoint, lock_dir
 
 
 def dense_counterpart(name):
@@ -251,6 +254,7 @@ def load_run(directory, option, written_by="train_general.py or train_bio.py"):
     ckpt = load_checkpoint(path, written_by)
     if "model_config" not in ckpt:
         raise SystemExit(f"error: {path} holds no model_config: not a checkpoint of {written_by}")
+    check_weights(path, ckpt, written_by)
     steps = ckpt.get("run_config", {}).get(STEPS_OF_PHASE.get(ckpt.get("phase")), 0)
     if not ckpt.get("finished", ckpt["step"] >= steps):  # older checkpoints: step against the run's steps
         raise SystemExit(f"error: {option} {directory} is an unfinished run (step {ckpt['step']} of {steps}): "
@@ -315,3 +319,24 @@ def load_run_tokenizer(path, vocab_size, resuming, dense_dir):
                                               "the corpus gives no more pieces than that, or needs more (its "
                                               "characters and the special tokens); choose another --vocab-size"))
     return tokenizer
+
+
+def check_weights(path, ckpt, written_by):
+    """One-line errors for a checkpoint whose weights do not fit its model config (a key removed,
+    the config edited) or hold NaN or infinity: checked on the meta device, so no memory and no
+    random numbers are spent."""
+    try:
+        with torch.device("meta"):
+            expected = BertForMaskedLM(BertConfig(**ckpt["model_config"])).state_dict()
+    except (TypeError, ValueError, AssertionError) as e:
+        raise SystemExit(f"error: {path}: its model_config does not describe a model ({e}); it was edited or "
+                         f"damaged: train it again with {written_by}") from None
+    weights = ckpt["model"]
+    wrong = sorted(set(expected) ^ set(weights)) + [k for k in expected if k in weights and
+                                                   tuple(weights[k].shape) != tuple(expected[k].shape)]
+    if wrong:
+        raise SystemExit(f"error: {path}: its weights do not fit its model_config ({wrong[0]}, {len(wrong)} in all); "
+                         f"it was edited or damaged: train it again with {written_by}")
+    if not all_finite(list(weights.values())):
+        raise SystemExit(f"error: {path} holds NaN or infinite weights: not a model to build on; train it again "
+                         f"with {written_by} (a lower --lr or more --warmup)")

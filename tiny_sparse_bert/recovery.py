@@ -94,6 +94,8 @@ def intervals_table(pair, boot):
     """Markdown: one row per task and the average: both models' scores, the gap and the recovery with
     their 95% intervals (x100), and a sentence saying where the gap's interval excludes zero."""
     sparse, dense = pair
+    if not boot["tasks"]:
+        return f"no interval: on every task, every run of {sparse} or of {dense} failed (see the recipes above)."
     rows = [f"| {sparse} vs {dense} | {dense} | {sparse} | gap [95% interval] | recovery [95% interval] |",
             "| --- | --- | --- | --- | --- |"]
     gap = lambda v, ci: f"{100 * v:+.1f} [{100 * ci[0]:+.1f}, {100 * ci[1]:+.1f}]"

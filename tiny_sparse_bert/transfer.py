@@ -497,15 +497,28 @@ def recorded_runs(out):
     try:
         with open(path) as f:
             stored = json.load(f)
-        return stored["settings"], dict(stored["runs"])
+        settings, runs = stored["settings"], dict(stored["runs"])
     except (ValueError, KeyError, TypeError):
         raise SystemExit(f"error: {path} is damaged; start over with --overwrite") from None
+    for key, run in runs.items():  # a finished run's scores are finite numbers, its counts a list
+        finite = lambda v: isinstance(v, (int, float)) and math.isfinite(v)
+        if not (isinstance(run, dict) and (run.get("failed") or finite(run.get("dev")) and finite(run.get("test"))
+                                           and isinstance(run.get("test_counts"), list))):
+            raise SystemExit(f"error: {path}: the run '{key}' is damaged (its dev, test or test_counts); remove it "
+                             f"from the file to run it again, or start over with --overwrite")
+    return settings, runs
 
 
 def save_runs(out, settings, runs):
     """runs.json with every finished run, written to a temporary file and renamed: never half-written."""
     path = os.path.join(out, RUNS_FILE)
     tmp = f"{path}.{os.getpid()}.tmp"  # one per process: two writers never share a temporary file
-    with open(tmp, "w") as f:
-        json.dump({"settings": settings, "runs": runs}, f, indent=1)
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w") as f:
+            json.dump({"settings": settings, "runs": runs}, f, indent=1)
+        os.replace(tmp, path)
+    except OSError as e:  # a full disk, say: the runs.json of the runs before this one stays as it was
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise SystemExit(f"error: could not write {path}: {e.strerror or e}; the runs finished before are kept "
+                         f"there: make room, then run the same command again") from None
