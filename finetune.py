@@ -25,7 +25,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import torch
 
-from tiny_sparse_bert.bookkeeping import NonFiniteLoss, Reporting
+from tiny_sparse_bert.bookkeeping import NonFiniteLoss, Reporting, stop_quietly
 from tiny_sparse_bert.config import RunOptions, check_options, parse_config
 from tiny_sparse_bert.distillation import Distillation
 from tiny_sparse_bert.model import BertForMaskedLM
@@ -34,8 +34,8 @@ from tiny_sparse_bert.recovery import FLOOR_MARGIN, all_intervals
 from tiny_sparse_bert.runtime import Runtime, start_up, wrap_ddp
 from tiny_sparse_bert.train import make_optimizer, train
 from tiny_sparse_bert.transfer import (check_arguments, claim_runs, evaluate, failed_run, finetune_models, head_model,
-                                       load_encoder, load_task_data, results_table, seeds_for,
-                                       stop_quietly_until_the_first_run, training_batches, write_results)
+                                       load_encoder, load_task_data, results_table, seeds_for, training_batches,
+                                       write_results)
 
 
 @dataclass
@@ -89,7 +89,7 @@ PRESETS = {
 preset, cfg = parse_config(Config, PRESETS, __doc__.splitlines()[0])
 
 
-stop_quietly_until_the_first_run()  # Ctrl-C while data and models load: one line, nothing to keep
+stop_quietly("stopped before the first run: nothing to keep")  # Ctrl-C while data and models load
 check_options(cfg, positive=("seeds", "other_seeds", "search_seeds", "batch_size", "max_len",
                              "distill_temperature"),
               non_negative=("max_train", "max_eval", "max_test", "weight_decay"), fraction=("warmup",),

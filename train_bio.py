@@ -21,7 +21,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from tiny_sparse_bert.bookkeeping import Checkpoints, Reporting, file_sha256, resume
+from tiny_sparse_bert.bookkeeping import Checkpoints, Reporting, file_sha256, resume, stop_quietly
 from tiny_sparse_bert.config import (PRETRAIN_BOOKKEEPING, PretrainOptions, check_options, check_pretrain_options,
                                      check_run_dir, claim_run_dir, load_run, parse_config, remove_run_files,
                                      save_run_files)
@@ -54,6 +54,7 @@ PRESETS = {
 
 preset, cfg = parse_config(Config, PRESETS, __doc__.splitlines()[0])
 check_pretrain_options(cfg)
+stop_quietly("stopped: what was saved is kept; the same command with --resume continues")  # Ctrl-C
 check_options(cfg, positive=("steps", "lr"))
 check_run_dir(cfg.init, "--init", "train_general.py")  # arguments first: the corpora take a while
 init_name = os.path.basename(os.path.normpath(cfg.init))

@@ -22,7 +22,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from tiny_sparse_bert.bookkeeping import Checkpoints, Reporting, file_sha256, resume
+from tiny_sparse_bert.bookkeeping import Checkpoints, Reporting, file_sha256, resume, stop_quietly
 from tiny_sparse_bert.config import (PRETRAIN_BOOKKEEPING, PretrainOptions, check_model_and_pruning, check_options,
                                      check_pretrain_options, claim_run_dir, load_run_tokenizer, parse_config,
                                      remove_run_files, save_run_files)
@@ -88,6 +88,7 @@ PRESETS = {
 
 preset, cfg = parse_config(Config, PRESETS, __doc__.splitlines()[0])
 check_pretrain_options(cfg)
+stop_quietly("stopped: what was saved is kept; the same command with --resume continues")  # Ctrl-C
 check_options(cfg, positive=("vocab_size", "n_layer", "hidden", "n_head", "intermediate", "dense_steps",
                              "prune_steps", "lr", "prune_lr", "prune_every", "distill_temperature"),
               fraction=("prune_begin", "prune_end", "distill"), below_one=("final_sparsity", "dropout"))

@@ -22,7 +22,6 @@ import torch
 from conftest import ROOT  # noqa: F401  (puts the repository on sys.path)
 from tiny_sparse_bert.model import BertConfig, BertModel
 from tiny_sparse_bert.pruning_lab import LabPruner
-from tiny_sparse_bert.pruning import GradualMagnitudePruner
 from tiny_sparse_bert.sparse import convert_to_sparse, prunable_bytes
 
 SIZES = {"default": dict(n_layer=4, hidden=256, n_head=4, intermediate=1024),

@@ -2,6 +2,7 @@ import json
 import math
 import os
 import signal
+import time
 from dataclasses import replace
 from types import SimpleNamespace
 
@@ -10,12 +11,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from tiny_sparse_bert.data import Blocks, NUM_SPECIAL
-from tiny_sparse_bert.model import BertConfig, BertForMaskedLM, BertForTokenClassification, IGNORE_INDEX
-from tiny_sparse_bert.pruning import GradualMagnitudePruner
 from tiny_sparse_bert.bookkeeping import Checkpoints, NonFiniteLoss, Reporting, load_checkpoint
-from tiny_sparse_bert.data import mlm_batch
+from tiny_sparse_bert.data import NUM_SPECIAL, Blocks, mlm_batch
 from tiny_sparse_bert.distillation import Distillation
+from tiny_sparse_bert.model import IGNORE_INDEX, BertConfig, BertForMaskedLM, BertForTokenClassification
+from tiny_sparse_bert.pruning import GradualMagnitudePruner
 from tiny_sparse_bert.runtime import Runtime
 from tiny_sparse_bert.train import linear_warmup_decay, make_optimizer, train
 
@@ -404,3 +404,23 @@ def test_a_tiny_bf16_run_on_the_cpu_has_a_finite_loss(tmp_path):
           runtime=Runtime(bf16=True))
     losses = [json.loads(line)["loss"] for line in open(tmp_path / "r.jsonl") if "loss" in line]
     assert len(losses) == 6 and all(math.isfinite(x) for x in losses)
+
+
+def test_a_stop_outside_the_loop_is_one_line_and_the_loop_puts_it_back(capsys):
+    """Ctrl-C while data load or between phases: the message and exit 130, no traceback; inside
+    train() the Bookkeeper's own handler (save, then exit) runs, and this one is back after it."""
+    from tiny_sparse_bert.bookkeeping import stop_quietly
+    before = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        stop_quietly("stopped: nothing lost")
+        quiet = signal.getsignal(signal.SIGINT)
+        with pytest.raises(SystemExit) as e:
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(1)  # the handler runs at the next bytecode
+        assert e.value.code == 130 and capsys.readouterr().out == "stopped: nothing lost\n"
+        model, optimizer, _, batch_fn = setup()
+        train(model, optimizer, batch_fn, 2, peak_lr=1e-3, warmup_steps=1, report=Reporting(log_every=100))
+        assert signal.getsignal(signal.SIGINT) is quiet
+    finally:
+        for s, handler in before.items():
+            signal.signal(s, handler)

@@ -78,6 +78,17 @@ def lock_dir(directory, script):
     return release
 
 
+def stop_quietly(message):
+    """Ctrl-C (or SIGTERM) outside the training loop, while data load or a phase ends: print
+    `message` and exit 130, not a traceback. (Inside `train` the Bookkeeper saves a checkpoint
+    first, then puts this handler back.)"""
+    def stopped(signum, frame):
+        print(message)
+        raise SystemExit(130)
+    for s in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(s, stopped)
+
+
 def save_checkpoint(path, **state):
     """torch.save to a temporary file, then rename: a crash never leaves a half-written checkpoint.
 

@@ -227,15 +227,6 @@ def search_recipes(run_seed, recipes, fallback, n_search, n_seeds, shared=None, 
     return recipe, runs
 
 
-def stop_quietly_until_the_first_run():
-    """Ctrl-C (or a scheduler's stop) while data and models load: one line, not a traceback."""
-    def stopped(signum, frame):
-        print("stopped before the first run: nothing to keep")
-        raise SystemExit(130)
-    signal.signal(signal.SIGINT, stopped)
-    signal.signal(signal.SIGTERM, stopped)
-
-
 def check_arguments(cfg):
     """finetune.py's grids, task and model names and directories, checked before any data is read;
     returns (model directories, tasks)."""
