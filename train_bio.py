@@ -53,8 +53,8 @@ PRESETS = {
 }
 
 preset, cfg = parse_config(Config, PRESETS, __doc__.splitlines()[0])
+stop_quietly()  # Ctrl-C outside the training loop: one line, what was saved is kept
 check_pretrain_options(cfg)
-stop_quietly("stopped: what was saved is kept; the same command with --resume continues")  # Ctrl-C
 check_options(cfg, positive=("steps", "lr"))
 check_run_dir(cfg.init, "--init", "train_general.py")  # arguments first: the corpora take a while
 init_name = os.path.basename(os.path.normpath(cfg.init))

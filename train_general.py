@@ -44,7 +44,7 @@ class Config(PretrainOptions):     # + data, out, seq_len, batch_size, mlm_prob,
     hidden: int = 256              # H, hidden size
     n_head: int = 4                # A, attention heads
     intermediate: int = 1024       # feed-forward size (4 H, as BERT)
-    dropout: float = 0.0           # NOTE(deviation): BERT uses 0.1; none while pretraining (Cramming, 2022)
+    dropout: float = 0.0           # NOTE(deviation): BERT uses 0.1; none in pretraining (Geiping & Goldstein 2022)
     pre_norm: bool = False         # LayerNorm before each block (Xiong et al. 2020) instead of BERT's after
     alibi: bool = True             # NOTE(deviation): attention distance bias (ALiBi, Press et al. 2022; MosaicBERT)
     # phase 1: dense pretraining
@@ -87,8 +87,8 @@ PRESETS = {
 }
 
 preset, cfg = parse_config(Config, PRESETS, __doc__.splitlines()[0])
+stop_quietly()  # Ctrl-C outside the training loop: one line, what was saved is kept
 check_pretrain_options(cfg)
-stop_quietly("stopped: what was saved is kept; the same command with --resume continues")  # Ctrl-C
 check_options(cfg, positive=("vocab_size", "n_layer", "hidden", "n_head", "intermediate", "dense_steps",
                              "prune_steps", "lr", "prune_lr", "prune_every", "distill_temperature"),
               fraction=("prune_begin", "prune_end", "distill"), below_one=("final_sparsity", "dropout"))

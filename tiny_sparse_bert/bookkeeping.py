@@ -78,7 +78,7 @@ def lock_dir(directory, script):
     return release
 
 
-def stop_quietly(message):
+def stop_quietly(message="stopped: what was saved is kept; the same command with --resume continues"):
     """Ctrl-C (or SIGTERM) outside the training loop, while data load or a phase ends: print
     `message` and exit 130, not a traceback. (Inside `train` the Bookkeeper saves a checkpoint
     first, then puts this handler back.)"""

@@ -6,7 +6,8 @@
 - `tokenize_corpus`: a whole corpus as one flat token array, cached (memory-mapped numpy) in
   data/cache/, with a held-out validation split by document.
 - `Blocks` and `mask_tokens`: fixed-length `[CLS] ... [SEP]` blocks and BERT's dynamic masking
-  (BERT 3.1: 15% of tokens; 80% -> [MASK], 10% -> random token, 10% unchanged).
+  (BERT 3.1: 15% of tokens; 80% -> [MASK], 10% -> random token, 10% unchanged); `mlm_batch`: the
+  masked batch of a step, a pure function of (seed, step), so resuming needs no data state.
 
     files = corpus_files("data", "general")
     tok = train_tokenizer(list(documents(files)), vocab_size=8192, path="out/tokenizer.json")

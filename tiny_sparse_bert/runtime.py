@@ -1,8 +1,9 @@
 """Where and how the steps run: devices, torchrun (DDP), bf16 autocast, torch.compile.
 
-A support module: the paper can be followed without it. `train.py`'s loop calls three things
-from here: `runtime.forward(model)` (the model, or its DDP / torch.compile wrapper),
-`runtime.to_device(batch)` and `with runtime.autocast():`; `start_up` is what every script does
+A support module: the paper can be followed without it. `train.py`'s loop calls a `Runtime`:
+`forward(model)` (the model, or its DDP / torch.compile wrapper), `to_device(batch)`, `with
+autocast():`, and `weighted(loss, ...)` (the loss to call .backward() on, the same as `loss`
+in one process without `mean_labelled`); `start_up` is what every script does
 first (pick the device and precision, join torchrun's processes, print the resolved config).
 """
 import os
