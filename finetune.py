@@ -4,8 +4,9 @@ Sparse*BERT's claim (Campos et al. 2022, table 2): fine-tuned with the pruning m
 the 90%-sparse model transferred to the biomedical domain matches its dense counterpart. Every
 checkpoint, and a random initialisation of the same size, is fine-tuned on every task with the
 same search: each recipe of the grids (`--epochs`, `--lr`, `--distill-hardness`) with the first
-`--search-seeds` seeds, the best mean *dev* score kept (never test), the other seeds at that
-recipe. Grids, scoring and the table are in tiny_sparse_bert/transfer.py.
+`--search-seeds` seeds, the best mean *dev* score kept (never test), a rate beyond the grid tried
+while the best is at its edge (`--lr-extend`), the other seeds at the recipe kept. Grids, scoring
+and the table are in tiny_sparse_bert/transfer.py.
 
     python finetune.py                                   # the README's four models + random init
     python finetune.py --epochs 3,6 --lr 6e-4,1.5e-3 --search-seeds 3 --tasks ncbi_disease
@@ -53,8 +54,8 @@ class Config(RunOptions):     # + data, device, compile, precision, overwrite (c
                                    # than 3: the sparse models gain more from it (docs/ladder.md, rows R-T)
     lr: str = "1.5e-3,3e-3"        # a number, or a comma-separated grid searched on dev (90%-sparse
                                    # models want a higher rate than dense ones: docs/ladder.md)
-    lr_fallback: str = "5e-4,2e-4"  # tried in turn, for any model, where every rate of --lr ends at the
-                                   # floor on dev (a task the grid was not chosen on: "" = never)
+    lr_extend: int = 2             # where a model's dev-best rate is the lowest or highest tried, the next
+                                   # one beyond (the grid's ratio) is tried, up to this many on each side
     shared_recipe: bool = True     # the --seeded sparse models also run every seed at their dense
                                    # counterpart's recipe: recovery without a recipe of their own
     distill_hardness: str = "0"    # sparse models: weight of the soft loss from the dense teacher (1 = soft
@@ -77,12 +78,12 @@ BOOKKEEPING = ("out", "device", "compile", "precision", "overwrite")  # what may
 
 PRESETS = {
     "default": {},
-    "tiny": dict(epochs="1", seeds=2, batch_size=8, max_train=64, max_eval=32, max_test=32, max_len=64,
-                 lr_fallback=""),  # tiny models learn little: no fallback, so tests know the runs
-    # after the other scripts' lab presets: one task, 1,000 training sentences, 3 epochs, no fallback rates
+    "tiny": dict(models="out-tiny/general-dense,out-tiny/general-sparse90,out-tiny/bio-dense,out-tiny/bio-sparse90",
+                 out="out-tiny/finetune", epochs="1", seeds=2, batch_size=8, max_train=64, max_eval=32, max_test=32,
+                 max_len=64, lr_extend=0),  # tiny models learn little: the grid only, so tests know the runs
+    # after the other scripts' lab presets: one task, 1,000 training sentences, 3 epochs
     "lab": dict(models="out-lab/general-dense,out-lab/general-sparse90,out-lab/bio-dense,out-lab/bio-sparse90",
-                out="out-lab/finetune", tasks="ncbi_disease", epochs="3", max_train=1000, max_eval=500,
-                lr_fallback=""),
+                out="out-lab/finetune", tasks="ncbi_disease", epochs="3", max_train=1000, max_eval=500),
     "gpu": dict(max_train=0, max_eval=0, epochs="3"),
 }
 
@@ -92,7 +93,7 @@ preset, cfg = parse_config(Config, PRESETS, __doc__.splitlines()[0])
 stop_quietly("stopped before the first run: nothing to keep")  # Ctrl-C while data and models load
 check_options(cfg, positive=("seeds", "other_seeds", "search_seeds", "batch_size", "max_len",
                              "distill_temperature"),
-              non_negative=("max_train", "max_eval", "max_test", "weight_decay"), fraction=("warmup",),
+              non_negative=("max_train", "max_eval", "max_test", "weight_decay", "lr_extend"), fraction=("warmup",),
               below_one=("dropout", "prune_during_finetune"), at_least=(("max_len", 3),))
 
 
@@ -167,6 +168,7 @@ def finetune_run(task, mlm, sparse, encoded, epochs, lr, seed, teacher=None, har
 # each finished run goes to --out/runs.json at once, and the same command run again skips what it holds
 results, info, floors = finetune_models(encoders, tasks, splits, labels, finetune_run, cfg, finished, settings,
                                         device, rank)  # Ctrl-C keeps the finished runs
+stop_quietly("stopped before the tables were written: every run is kept in runs.json; the same command writes them")
 
 # %% 6) the comparison table, and recovery with a 95% interval (bootstrap over test examples and seeds)
 table, chosen = results_table(results, info, tasks, seeds_of, floors)

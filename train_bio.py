@@ -44,8 +44,8 @@ class Config(PretrainOptions):     # + data, seq_len, batch_size, mlm_prob, warm
 
 PRESETS = {
     "default": {},
-    "tiny": dict(max_docs=300, seq_len=64, batch_size=8, steps=20, eval_batches=2, eval_every=0, log_every=10,
-                 ckpt_every=10),
+    "tiny": dict(init="out-tiny/general-sparse90", max_docs=300, seq_len=64, batch_size=8, steps=20, eval_batches=2,
+                 eval_every=0, log_every=10, ckpt_every=10),
     # after train_general.py --preset lab, at its batch size (held-out: the same 640 blocks as the default)
     "lab": dict(init="out-lab/general-sparse90", batch_size=16, steps=300, eval_every=0, eval_batches=40),
     "gpu": dict(batch_size=128, steps=3000, eval_every=1000),
@@ -129,5 +129,8 @@ if sparse:
 print(f"\ntraining {(time.time() - t_train) / 60:.1f} min, total {(time.time() - t_start) / 60:.1f} min")
 print(f"wrote {out_dir}/ (ckpt.pt, tokenizer.json, config.json)")
 same = "" if preset == "default" else f"--preset {preset} "  # the next step at the same size
-print(f"next: python finetune.py {same}--models {out_dir},...   (see README)")
+run_dir = os.path.dirname(os.path.normpath(out_dir)) or "."  # where train_general.py wrote the general models
+models = ",".join(os.path.join(run_dir, n) for n in ("general-dense", "general-sparse90", "bio-dense", "bio-sparse90"))
+print(f"next (once both train_bio.py runs are done): python finetune.py {same}--models {models} "
+      f"--out {os.path.join(run_dir, 'finetune')}")
 print(f"figures: python -m tiny_sparse_bert.plots {os.path.dirname(out_dir) or '.'}")

@@ -71,9 +71,9 @@ PHASE2 = ("prune_steps", "prune_lr", "final_sparsity", "prune_begin", "prune_end
 
 PRESETS = {
     "default": {},
-    "tiny": dict(max_docs=300, vocab_size=1000, n_layer=2, hidden=64, n_head=2, intermediate=128, seq_len=64,
-                 batch_size=8, dense_steps=30, prune_steps=30, prune_every=5, eval_batches=2, eval_every=0,
-                 log_every=10, ckpt_every=10),
+    "tiny": dict(out="out-tiny", max_docs=300, vocab_size=1000, n_layer=2, hidden=64, n_head=2, intermediate=128,
+                 seq_len=64, batch_size=8, dense_steps=30, prune_steps=30, prune_every=5, eval_batches=2,
+                 eval_every=0, log_every=10, ckpt_every=10),
     # the whole story within a class (17 minutes with the other lab presets): the default model at a fifth
     # of its tokens; why batch 16 and a long warm-up: docs/flow-time.md
     "lab": dict(out="out-lab", batch_size=16, dense_steps=1200, warmup=0.25, prune_steps=400, prune_every=20,

@@ -14,6 +14,7 @@ Files marked "derived" are rebuilt from their origins by data/derive.py (origins
 data/cache/origins/) and compared with the reference build: document counts and sha256.
 """
 import argparse
+import errno
 import fnmatch
 import hashlib
 import json
@@ -35,6 +36,9 @@ GITHUB = "https://github.com"  # serves an archive of a repository at a commit
 
 class PrepareError(Exception):
     """A failure the user can act on; printed as one line."""
+
+
+WRITE_ERRORS = {errno.ENOSPC, errno.EROFS, errno.EACCES, errno.EPERM, errno.EDQUOT}  # the disk, not the network
 
 
 def sha256_of(path):
@@ -59,25 +63,34 @@ def download(url, tmp, size):
     except urllib.error.HTTPError as e:
         raise PrepareError(f"HTTP {e.code} for {url}")
     except (urllib.error.URLError, OSError) as e:
+        if getattr(e, "errno", None) in WRITE_ERRORS:  # the disk, not the network: prepare_file says so
+            raise
         raise PrepareError(f"cannot reach {url} ({getattr(e, 'reason', e)}); no network? "
                            f"copy from a local copy instead with --mirror DIR")
 
 
 def prepare_file(name, entry, out_dir, mirror, origin):
-    """Make out_dir/name/file exist with the registry's checksum; return 'skipped' or 'fetched'."""
+    """Make out_dir/name/file exist with the registry's checksum; return 'skipped' or 'fetched'. A
+    copy or download cut short (Ctrl-C, a full or read-only disk) leaves no partial file behind."""
     dest = os.path.join(out_dir, name, entry["file"])
     if os.path.exists(dest) and os.path.getsize(dest) == entry["bytes"] and sha256_of(dest) == entry["sha256"]:
         return "skipped"
-    os.makedirs(os.path.dirname(dest), exist_ok=True)
     tmp = dest + ".tmp"
-    if mirror:
-        source = os.path.join(mirror, name, entry["file"])
-        if not os.path.exists(source):
-            raise PrepareError(f"{source} not found in the mirror")
-        shutil.copyfile(source, tmp)
-    else:
-        source = url_of(entry, origin)
-        download(source, tmp, entry["bytes"])
+    source = os.path.join(mirror, name, entry["file"]) if mirror else url_of(entry, origin)
+    if mirror and not os.path.exists(source):
+        raise PrepareError(f"{source} not found in the mirror")
+    try:
+        os.makedirs(os.path.dirname(dest), exist_ok=True)
+        if mirror:
+            shutil.copyfile(source, tmp)
+        else:
+            download(source, tmp, entry["bytes"])
+    except (KeyboardInterrupt, OSError) as e:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        if isinstance(e, KeyboardInterrupt):
+            raise
+        raise PrepareError(f"cannot write {dest} ({e.strerror or e}); free some space or choose another --out")
     if sha256_of(tmp) != entry["sha256"]:
         os.remove(tmp)
         raise PrepareError(f"checksum mismatch for {name}/{entry['file']} from {source}; the file was removed")
@@ -247,3 +260,6 @@ if __name__ == "__main__":
     except PrepareError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)
+    except KeyboardInterrupt:
+        print("stopped: the files prepared so far are kept; run the same command again to finish", file=sys.stderr)
+        sys.exit(130)

@@ -239,3 +239,40 @@ def test_corrupt_origin_is_one_line(tmp_path):
     assert r.returncode == 1 and line.startswith("error: kddti: cannot rebuild from the origins in ")
     assert "JSONDecodeError" in line and line.endswith("remove them and run again")
     assert not (tmp_path / "data" / "kddti" / "abstracts.txt").exists()
+
+
+def load_prepare():
+    """data/prepare.py as a module (it imports data/derive.py beside it)."""
+    import importlib.util
+    sys.path.insert(0, os.path.dirname(PREPARE))
+    spec = importlib.util.spec_from_file_location("prepare", PREPARE)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("stop", ["full disk", "Ctrl-C"])
+def test_a_copy_cut_short_leaves_no_partial_file(server, monkeypatch, stop):
+    import errno
+    tmp_path, _, _ = server
+    mirror = tmp_path / "mirror" / "toy"
+    mirror.mkdir(parents=True)
+    for name, data in FILES.items():
+        (mirror / name).write_bytes(data)
+    prepare_module = load_prepare()
+
+    def copy_half(source, target):  # half the file written, then the disk is full or the user stops it
+        with open(target, "wb") as f:
+            f.write(open(source, "rb").read()[:100])
+        raise OSError(errno.ENOSPC, "No space left on device") if stop == "full disk" else KeyboardInterrupt()
+    monkeypatch.setattr(prepare_module.shutil, "copyfile", copy_half)
+    argv = ["--registry", str(tmp_path / "registry.json"), "--out", str(tmp_path / "data"),
+            "--mirror", str(tmp_path / "mirror")]
+    if stop == "full disk":
+        with pytest.raises(prepare_module.PrepareError, match=r"cannot write .*a.txt \(No space left on device\); "
+                                                              "free some space or choose another --out"):
+            prepare_module.main(argv)
+    else:
+        with pytest.raises(KeyboardInterrupt):
+            prepare_module.main(argv)
+    assert os.listdir(tmp_path / "data" / "toy") == []  # no .tmp left to fill the disk

@@ -101,3 +101,38 @@ def test_a_model_whose_every_run_failed_gets_no_interval_and_no_error():
     boot = bootstrap(results, [task], "m-sparse90", "m-dense")
     assert boot == {"tasks": {}, "average": None}
     assert intervals_table(("m-sparse90", "m-dense"), boot).startswith("no interval: on every task, every run")
+
+
+def test_over_pretraining_runs_each_run_has_its_recovery_and_their_spread_widens_the_interval(tmp_path, capsys):
+    """Three pretraining runs of one pair: one interval over runs, seeds and test examples; runs that
+    disagree widen it beyond what one run's seeds and examples give."""
+    import json
+    from tiny_sparse_bert.recovery import main
+    task = Task("ncbi_disease", "ner", "", (), None, "f1")  # as get_task("ncbi_disease") scores it
+    pretrained = [synthetic_results(task, 800, {"bio-dense": 0.8, "bio-sparse90": a}, seed=i)
+                  for i, a in enumerate((0.70, 0.78, 0.86))]
+    one = bootstrap(pretrained[1], [task], "bio-sparse90", "bio-dense")["average"]
+    over = bootstrap(pretrained, [task], "bio-sparse90", "bio-dense")["average"]
+    for i, results in enumerate(pretrained):
+        alone = bootstrap(results, [task], "bio-sparse90", "bio-dense")["average"]["recovery"]
+        assert over["per_run"][i] == pytest.approx(alone)
+    assert over["per_run"][0] < over["per_run"][1] < over["per_run"][2]
+    assert over["recovery"] == pytest.approx(over["bio-sparse90"] / over["bio-dense"])
+    width = lambda ci: ci[1] - ci[0]
+    assert width(over["recovery_ci"]) > 1.5 * width(one["recovery_ci"])
+    assert bootstrap([pretrained[1]], [task], "bio-sparse90", "bio-dense")["average"] == one  # a list of one
+
+    dirs = []
+    for i, results in enumerate(pretrained):  # as finetune.py writes them
+        (tmp_path / str(i)).mkdir()
+        (tmp_path / str(i) / "results.json").write_text(json.dumps({
+            "config": {"tasks": "ncbi_disease"}, "floors": {"ncbi_disease": {"dev": 0.0, "test": 0.0}},
+            "recipes": {n: {t: r["recipe"] for t, r in rs.items()} for n, rs in results.items()},
+            "runs": {n: {t: r["runs"] for t, r in rs.items()} for n, rs in results.items()}}))
+        dirs.append(str(tmp_path / str(i)))
+    main(dirs)
+    printed = capsys.readouterr().out
+    assert "bio-sparse90 at its own dev-selected recipe, over 3 pretraining runs" in printed
+    assert "recovery per pretraining run: " + ", ".join(f"{100 * x:.1f}%" for x in over["per_run"]) in printed
+    with pytest.raises(SystemExit, match="cannot read .*results.json"):
+        main([str(tmp_path / "missing")])

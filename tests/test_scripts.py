@@ -173,9 +173,10 @@ def test_finetune_recipe_search_seeds_and_distillation(bio, mirror_data):
     from its dense counterpart, and its zeros are still exactly the pretrained ones."""
     out, _ = bio
     models = ",".join(str(out / n) for n in ("bio-sparse90", "bio-dense"))  # the student first: order must not matter
-    log = run_script(["finetune.py", "--preset", "tiny", "--data", mirror_data, "--models", models,
-                      "--random-baseline", "false", "--tasks", "ncbi_disease,hoc", "--lr", "2e-4,1e-3",
-                      "--seeds", "2", "--search-seeds", "2", "--distill-hardness", "0,1", "--out", str(out / "finetune-distill")])
+    args = ["finetune.py", "--preset", "tiny", "--data", mirror_data, "--models", models, "--random-baseline", "false",
+            "--tasks", "ncbi_disease,hoc", "--lr", "2e-4,1e-3", "--seeds", "2", "--search-seeds", "2",
+            "--distill-hardness", "0,1", "--out", str(out / "finetune-distill")]
+    log = run_script(args)
     results = json.loads((out / "finetune-distill" / "results.json").read_text())
     assert results["models"]["bio-sparse90"]["teacher"] == "bio-dense" and results["models"]["bio-sparse90"]["mask_unchanged"]
     for name in ("bio-sparse90", "bio-dense"):
@@ -186,12 +187,20 @@ def test_finetune_recipe_search_seeds_and_distillation(bio, mirror_data):
                 (lr, h, seed) for lr, h in recipes for seed in (0, 1))
             assert all(r["teacher"] == (r["distill_hardness"] > 0) and len(r["dev_curve"]) >= 1 for r in runs)
             mean_dev = {rc: sum(r["dev"] for r in runs if (r["lr"], r["distill_hardness"]) == rc) / 2 for rc in recipes}
-            assert tuple(results["recipes"][name][task][1:]) == max(mean_dev, key=mean_dev.get)
+            learned = [rc for rc in recipes if not all(r["at_floor"] for r in runs
+                                                       if (r["lr"], r["distill_hardness"]) == rc)]
+            best = max(learned, key=mean_dev.get) if learned else recipes[0]  # nothing learned: the lowest rate
+            assert tuple(results["recipes"][name][task][1:]) == best
             assert results["scores"][name][task] == [r["test"] for r in runs if r["selected"]]
     assert "(hardness 1)" in log and " ± " in log
     from tiny_sparse_bert import plots
     path = plots.plot_finetune(str(out / "finetune-distill"), str(out / "finetune-distill" / "results.json"))
     assert os.path.getsize(path) > 10_000
+    shutil.rmtree(out / "finetune-distill" / "teachers")  # the teachers' weights lost: their runs run again
+    log = run_script(args)
+    assert "is missing: bio-dense / ncbi_disease seed 0 runs again for its weights" in log
+    again = json.loads((out / "finetune-distill" / "results.json").read_text())
+    assert again["runs"] == results["runs"] and again["intervals"] == results["intervals"]
 
 
 def test_torchrun_two_processes_and_resume(mirror_data, tmp_path):
@@ -397,24 +406,35 @@ def test_one_line_errors_for_sizes_that_cannot_work(mirror_data, tmp_path):
     assert line.startswith("error: --models is empty")
 
 
-def test_finetune_floors_fallback_rates_and_intervals(bio, mirror_data, tmp_path):
-    """Every score stands next to its floor; where every rate of the grid ends at the floor on dev, the
-    fallback rates are tried, for every model alike; recovery comes with a 95% bootstrap interval."""
+def test_finetune_floors_a_search_that_brackets_and_intervals(bio, mirror_data, tmp_path):
+    """Every score stands next to its floor; where the dev-best rate is at an edge of the grid, the next
+    rate beyond it is tried, for every model alike (below where nothing learns); recovery comes with a
+    95% bootstrap interval."""
     out, _ = bio
     models = ",".join(str(out / n) for n in ("bio-dense", "bio-sparse90"))
     log = run_script(["finetune.py", "--preset", "tiny", "--data", mirror_data, "--models", models,
-                      "--random-baseline", "false", "--tasks", "ncbi_disease,chemprot", "--lr-fallback", "1e-4",
+                      "--random-baseline", "false", "--tasks", "ncbi_disease,chemprot", "--lr-extend", "1",
                       "--out", str(tmp_path)])
     results = json.loads((tmp_path / "results.json").read_text())
     assert results["floors"]["ncbi_disease"] == {"dev": 0.0, "test": 0.0} and 0 < results["floors"]["chemprot"]["test"] < 1
+    flagged = []
     for name, tasks in results["runs"].items():
         for task, runs in tasks.items():
             grid_runs = [r for r in runs if r["lr"] in (1.5e-3, 3e-3) and r["seed"] == 0]
-            fell_back = [r for r in runs if r["lr"] == 1e-4]
-            assert bool(fell_back) == all(r["at_floor"] for r in grid_runs), (name, task)
-            assert (f"note: {name} / {task}: no rate of --lr learned on dev; trying lr 0.0001" in log) == bool(fell_back)
+            learned = [r for r in grid_runs if not r["at_floor"]]
+            best = max(learned, key=lambda r: r["dev"])["lr"] if learned else 1.5e-3  # nothing learned: go lower
+            beyond = best / 2 if best == 1.5e-3 else best * 2
+            search = results["searches"][name][task]
+            assert search["rates"] == sorted([1.5e-3, 3e-3, beyond]), (name, task)
+            edge = "lowest" if best == 1.5e-3 else "highest"
+            assert f"note: {name} / {task}: lr {best:g} is the {edge} rate tried; trying lr {beyond:g}" in log
+            chosen = results["recipes"][name][task][1]
+            assert search["bracketed"] == (chosen == best)
+            flagged += [] if search["bracketed"] else [name]
             assert all(r["at_floor"] == (r["dev"] <= results["floors"][task]["dev"] + 0.01) for r in runs)
             assert all(len(r["test_counts"]) == 32 for r in runs)  # --max-test 32 in the tiny preset
+    table = (tmp_path / "results.md").read_text()
+    assert ("† the dev-selected rate is the lowest or highest rate tried" in table) == bool(flagged)
     boot = results["intervals"]["bio-sparse90"]["its own dev-selected recipe"]
     for task, row in boot["tasks"].items():
         assert row["gap_ci"][0] <= row["gap"] <= row["gap_ci"][1]

@@ -1,4 +1,5 @@
 """Fine-tuning bookkeeping: grids, selection on dev, the table, finished runs on disk, names, NER pairing."""
+import math
 import os
 
 import pytest
@@ -154,13 +155,43 @@ def test_a_grid_names_each_value_once():
         grid("lr", "1e-3,inf")
 
 
-def test_a_fallback_rate_the_grid_holds_is_not_run_twice():
-    def run_seed(recipe, seed):  # every run ends at the floor: the fallback rates are tried
-        return {"epochs": recipe[0], "lr": recipe[1], "distill_hardness": recipe[2], "seed": seed, "dev": 0.1,
-                "at_floor": True}
-    _, runs = search_recipes(run_seed, [(5, 1e-3, 0.0)], [(5, 1e-3, 0.0), (5, 5e-4, 0.0)], 1, 2)
-    keys = [(r["lr"], r["seed"]) for r in runs]
-    assert len(keys) == len(set(keys)) and (5e-4, 0) in keys
+def searched(dev_at, grid=(1.5e-3, 3e-3), extend=2, n_seeds=1, at_floor=lambda lr: False):
+    """search_recipes over a made-up dev score per rate; (recipe, the rates run in order, search)."""
+    order = []
+    def run_seed(recipe, seed):
+        order.append(recipe[1])
+        return {"epochs": recipe[0], "lr": recipe[1], "distill_hardness": recipe[2], "seed": seed,
+                "dev": dev_at(recipe[1]), "at_floor": at_floor(recipe[1])}
+    recipe, runs, search = search_recipes(run_seed, [(5, lr, 0.0) for lr in grid], 1, n_seeds, extend, say=str)
+    return recipe, order, search
+
+
+def test_a_best_rate_at_the_lower_edge_extends_the_search_below_only():
+    peak = lambda best: (lambda lr: -abs(math.log(lr / best)))  # dev peaks at `best`
+    recipe, order, search = searched(peak(7.5e-4))
+    assert order == [1.5e-3, 3e-3, 7.5e-4, 3.75e-4] and recipe[1] == 7.5e-4  # x0.5, the grid's own ratio
+    assert search == {"rates": [3.75e-4, 7.5e-4, 1.5e-3, 3e-3], "bracketed": True}
+    recipe, order, search = searched(peak(6e-3))  # the upper edge: x2, above only
+    assert order == [1.5e-3, 3e-3, 6e-3, 1.2e-2] and recipe[1] == 6e-3 and search["bracketed"]
+    recipe, order, search = searched(peak(2e-3))  # inside the grid's neighbours already: one step
+    assert order == [1.5e-3, 3e-3, 7.5e-4] and recipe[1] == 1.5e-3 and search["bracketed"]
+
+
+def test_a_search_that_reaches_its_limit_says_so_and_a_one_rate_grid_looks_both_ways():
+    recipe, order, search = searched(lambda lr: -lr)  # lower is always better: stops after two steps
+    assert order == [1.5e-3, 3e-3, 7.5e-4, 3.75e-4] and recipe[1] == 3.75e-4 and not search["bracketed"]
+    assert searched(lambda lr: -lr, extend=3)[0][1] == 1.88e-4  # three significant digits
+    assert searched(lambda lr: -lr, extend=0)[1:] == ([1.5e-3, 3e-3], {"rates": [1.5e-3, 3e-3], "bracketed": False})
+    recipe, order, search = searched(lambda lr: -abs(lr - 1e-3), grid=(1e-3,))
+    assert order == [1e-3, 5e-4, 2e-3] and recipe[1] == 1e-3 and search["bracketed"]
+
+
+def test_a_grid_where_nothing_learns_searches_downwards_and_runs_each_rate_once():
+    floor = lambda lr: lr > 1e-3  # the rates of the grid end at the floor; lower ones learn, best at 7.5e-4
+    recipe, order, search = searched(lambda lr: 0.1 + lr if floor(lr) else 0.5 - abs(lr - 7.5e-4), n_seeds=2,
+                                     at_floor=floor)
+    assert order == [1.5e-3, 3e-3, 7.5e-4, 3.75e-4, 7.5e-4]  # the winner's second seed last
+    assert recipe[1] == 7.5e-4 and search["bracketed"]
 
 
 def test_a_damaged_run_in_runs_json_is_named_and_a_full_disk_keeps_the_file(tmp_path, monkeypatch):

@@ -5,7 +5,7 @@ A support module: the paper can be followed without it (and the only one that im
     python -m tiny_sparse_bert.plots out/           # writes out/figures/*.png
 
 Each training directory holds `config.json`, `ckpt.pt` and `record.jsonl` (one JSON object per
-log line, mask update and evaluation: `train.append_record`); finetune.py writes
+log line, mask update and evaluation: `bookkeeping.append_record`); finetune.py writes
 `results.json`; `tests/bench_sparse.py --json out/bench_sparse.json` the inference timings.
 Every figure whose data exists is drawn; the others are skipped with one line saying why, so a
 partial run (phase 1 only, one seed) still plots. matplotlib is imported here only: the rest of

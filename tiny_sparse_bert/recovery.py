@@ -15,11 +15,21 @@ every score.
 
     boot = bootstrap(results, tasks, "bio-sparse90", "bio-dense")
     print(intervals_table(("bio-sparse90", "bio-dense"), boot))
+
+Over pretraining runs (the same flow with another --seed in train_general.py and train_bio.py,
+each fine-tuned by finetune.py into its own --out): one interval over pretraining runs,
+fine-tuning seeds and test examples together, and each run's recovery:
+
+    python -m tiny_sparse_bert.recovery out-lab/finetune out-lab-seed1/finetune out-lab-seed2/finetune
 """
+import json
+import os
+import sys
+
 import numpy as np
 
 from .config import dense_counterpart
-from .tasks import f1_scores, metric_from_counts, multilabel_f1
+from .tasks import f1_scores, get_task, metric_from_counts, multilabel_f1
 
 FLOOR_MARGIN = 0.01  # a score within a point of the floor is "at the floor": nothing learned
 
@@ -46,33 +56,50 @@ def bootstrap(results, tasks, sparse, dense, recipes=None, n_resamples=1000, see
     replacement; a resample's score is its metric recomputed from the summed `example_counts`
     (entity and macro F1 are not means of per-example scores). `recipes` {model: {task: recipe}}
     picks the runs (default: each model's dev-selected ones). A task where the dense model sits at
-    its floor (`floors`) gets no recovery and stays out of the average."""
+    its floor (`floors`) gets no recovery and stays out of the average. `results` may be a list, one
+    per pretraining run of the pair (train_general.py and train_bio.py with another --seed): each
+    resample then draws the pretraining runs too, with replacement, the same draw for both models,
+    and then the seeds of each run drawn ("per_run": each pretraining run's recovery; `recipes`, if
+    given, a list too, one per run)."""
+    pretrained = results if isinstance(results, list) else [results]
+    recipe_sets = recipes if isinstance(recipes, list) else [recipes] * len(pretrained)
     rng = np.random.default_rng(seed)
-    def picked(name, task):  # the finished runs of the recipe asked for (none: every run failed)
+    def picked(i, name, task):  # the finished runs of the recipe asked for (none: every run failed)
+        results, recipes = pretrained[i], recipe_sets[i]
         recipe = (recipes or {}).get(name, {}).get(task) or results[name][task]["recipe"]
         return [r for r in results[name][task]["runs"] if recipe is not None
                 and not r.get("failed") and (r["epochs"], r["lr"], r["distill_hardness"]) == tuple(recipe)]
 
-    per_task, samples = {}, {}
+    def seeds_resampled(by_seed):  # (S, B) scores per seed and resample -> (B,) means over drawn seeds
+        pick = rng.integers(0, len(by_seed), (n_resamples, len(by_seed)))
+        return by_seed[pick, np.arange(n_resamples)[:, None]].mean(1)
+
+    per_task, samples, per_run = {}, {}, []
     for task in tasks:
-        runs = {name: picked(name, task.name) for name in (dense, sparse)}
-        if not all(runs.values()):
+        runs = {name: [picked(i, name, task.name) for i in range(len(pretrained))] for name in (dense, sparse)}
+        if not all(all(groups) for groups in runs.values()):
             continue
-        n = len(runs[dense][0]["test_counts"])
+        n = len(runs[dense][0][0]["test_counts"])
         weights = rng.multinomial(n, np.full(n, 1 / n), size=n_resamples).astype(np.float64)  # (B, n)
+        drawn = (rng.integers(0, len(pretrained), (n_resamples, len(pretrained))) if len(pretrained) > 1
+                 else np.zeros((n_resamples, 1), dtype=int))  # the pretraining runs of each resample
         scores, points = {}, {}
-        for name, model_runs in runs.items():
-            counts = [np.asarray(r["test_counts"], dtype=np.float64) for r in model_runs]
-            by_seed = np.stack([metric_from_counts(task, weights @ c) for c in counts])  # (S, B)
-            pick = rng.integers(0, len(counts), (n_resamples, len(counts)))  # the seeds, resampled
-            scores[name] = by_seed[pick, np.arange(n_resamples)[:, None]].mean(1)  # (B,)
-            points[name] = float(np.mean([metric_from_counts(task, c.sum(0)) for c in counts]))
+        for name, groups in runs.items():
+            counts = [[np.asarray(r["test_counts"], dtype=np.float64) for r in g] for g in groups]
+            by_run = [np.stack([metric_from_counts(task, weights @ c) for c in cs]) for cs in counts]  # (S, B) each
+            scores[name] = np.mean([np.choose(drawn[:, j], [seeds_resampled(b) for b in by_run])
+                                    for j in range(drawn.shape[1])], 0)  # (B,)
+            points[name] = [float(np.mean([metric_from_counts(task, c.sum(0)) for c in cs])) for cs in counts]
+        per_run.append(points)
+        points = {name: float(np.mean(p)) for name, p in points.items()}
         at_floor = floors is not None and points[dense] <= floors[task.name] + FLOOR_MARGIN
         gap = scores[sparse] - scores[dense]
         per_task[task.name] = {dense: points[dense], sparse: points[sparse], "gap": points[sparse] - points[dense],
                                "gap_ci": percentiles(gap), "dense_at_floor": at_floor,
                                "recovery": None if at_floor else points[sparse] / points[dense],
                                "recovery_ci": None if at_floor else percentiles(scores[sparse] / scores[dense])}
+        if len(pretrained) > 1 and not at_floor:
+            per_task[task.name]["per_run"] = [s / d for s, d in zip(per_run[-1][sparse], per_run[-1][dense])]
         if not at_floor:
             samples[task.name] = scores
     if not samples:
@@ -82,6 +109,10 @@ def bootstrap(results, tasks, sparse, dense, recipes=None, n_resamples=1000, see
     average.update(gap=average[sparse] - average[dense], gap_ci=percentiles(mean(sparse, "b") - mean(dense, "b")),
                    recovery=average[sparse] / average[dense],
                    recovery_ci=percentiles(mean(sparse, "b") / mean(dense, "b")))
+    if len(pretrained) > 1:
+        kept = [points for t, points in zip(per_task, per_run) if t in samples]
+        average["per_run"] = [float(np.mean([p[sparse][i] for p in kept]) / np.mean([p[dense][i] for p in kept]))
+                              for i in range(len(pretrained))]
     return {"tasks": per_task, "average": average}
 
 
@@ -131,3 +162,41 @@ def all_intervals(results, tasks, floors, seeds_of, shared_recipe, seeds):
             intervals.setdefault(sparse, {})[how] = boot
             texts.append(f"{sparse} at {how}, test scores x100:\n\n{intervals_table((sparse, dense), boot)}")
     return intervals, "\n\n".join(texts)
+
+
+def main(dirs):
+    """Recovery of every sparse model with its dense counterpart over finetune.py's outputs in
+    `dirs`, one per pretraining run: one interval over all of them, and each run's recovery."""
+    if not dirs:
+        raise SystemExit("usage: python -m tiny_sparse_bert.recovery FINETUNE_OUT [FINETUNE_OUT ...]")
+    loaded = []
+    for directory in dirs:
+        path = os.path.join(directory, "results.json")
+        try:
+            with open(path) as f:
+                loaded.append(json.load(f))
+        except (OSError, ValueError) as e:
+            raise SystemExit(f"error: cannot read {path} ({e}): run finetune.py with --out {directory} first")
+    if len({json.dumps(r["config"]["tasks"]) for r in loaded}) > 1:
+        raise SystemExit("error: these fine-tunings ran different --tasks; give runs of one command")
+    tasks = [get_task(t) for t in loaded[0]["config"]["tasks"].split(",") if t]
+    results = [{n: {t: {"recipe": r["recipes"][n][t], "runs": runs} for t, runs in by_task.items()}
+                for n, by_task in r["runs"].items()} for r in loaded]
+    floors = {t: f["test"] for t, f in loaded[0]["floors"].items()}
+    pairs = [(n, dense_counterpart(n)) for n in results[0] if all(dense_counterpart(n) in r for r in results)]
+    if not pairs:
+        raise SystemExit("error: no sparse model has its dense counterpart in every one of these runs")
+    for sparse, dense in pairs:
+        shared = [{sparse: {t: r[dense][t]["recipe"] for t in r[dense]}} for r in results]
+        for how, recipes in (("its own dev-selected recipe", None), ("the dense model's recipe", shared)):
+            boot = bootstrap(results, tasks, sparse, dense, recipes, floors=floors)
+            print(f"{sparse} at {how}, over {len(dirs)} pretraining run{'s' * (len(dirs) > 1)} ({', '.join(dirs)}), "
+                  f"test scores x100:\n\n{intervals_table((sparse, dense), boot)}")
+            if boot["average"] and "per_run" in boot["average"]:
+                per_run = ", ".join(f"{100 * x:.1f}%" for x in boot["average"]["per_run"])
+                print(f"recovery per pretraining run: {per_run}")
+            print()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

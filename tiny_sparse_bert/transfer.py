@@ -192,29 +192,56 @@ def recipe_of(run):
 def select_recipe(runs, recipes):
     """The recipe with the best mean dev score over its finished runs (test is never looked at). A
     failed run (non-finite loss) counts for nothing; a recipe whose runs all ended at the floor
-    (`at_floor`) is chosen only when no recipe learned. None when every run failed."""
+    (`at_floor`) is chosen only when no recipe learned, and then the one with the lowest rate (the
+    search goes on below it: a model that learns nothing mostly had a rate too high for it). None
+    when every run failed."""
     dev = {r: [x["dev"] for x in runs if recipe_of(x) == r and not x.get("failed")] for r in recipes}
     finished = [r for r in recipes if dev[r]]
     learned = [r for r in finished if not all(x.get("at_floor") for x in runs
                                               if recipe_of(x) == r and not x.get("failed"))]
-    return max(learned or finished, key=lambda r: statistics.mean(dev[r])) if finished else None
+    if not learned:
+        return min(finished, key=lambda r: r[1]) if finished else None
+    return max(learned, key=lambda r: statistics.mean(dev[r]))
 
 
-def search_recipes(run_seed, recipes, fallback, n_search, n_seeds, shared=None, say=print):
+def rates_tried(recipes, recipe):
+    """The learning rates tried at `recipe`'s epochs and hardness, lowest first."""
+    return sorted({lr for e, lr, h in recipes if (e, h) == (recipe[0], recipe[2])})
+
+
+def next_rate(grid_rates, tried, side):
+    """The next rate beyond the tried ones on `side` ("below" or "above"): the grid's own ratio at
+    that edge (x0.5 and x2 for 1.5e-3,3e-3), x2 for a grid of one rate; three significant digits."""
+    if len(grid_rates) == 1:
+        ratio = 2.0
+    else:
+        ratio = grid_rates[1] / grid_rates[0] if side == "below" else grid_rates[-1] / grid_rates[-2]
+    return float(f"{(tried[0] / ratio if side == 'below' else tried[-1] * ratio):.3g}")
+
+
+def search_recipes(run_seed, recipes, n_search, n_seeds, extend=0, shared=None, say=print):
     """The search of one (model, task), the same for every model: every recipe with the first
-    `n_search` seeds; the best mean dev score wins (`select_recipe`); where every recipe ended at
-    its floor, the `fallback` recipes are tried in turn; the other seeds run the winner; with
-    `shared` (the dense counterpart's recipe) every seed also runs that one, so that recovery can
-    be read at one recipe for both models. run_seed(recipe, seed) -> run. Returns (recipe, runs)."""
+    `n_search` seeds; the best mean dev score wins (`select_recipe`). While the winner's rate is the
+    lowest or the highest tried, the next rate beyond it is tried (`next_rate`), up to `extend` rates
+    on each side, so that the best rate ends with a tried neighbour on both sides or at the limit;
+    a grid where nothing learns searches downwards. The other seeds run the winner; with `shared`
+    (the dense counterpart's recipe) every seed also runs that one, so that recovery can be read at
+    one recipe for both models. run_seed(recipe, seed) -> run. Returns (recipe, runs, search): search
+    = {"rates": the rates tried at the winner's epochs and hardness, "bracketed": whether the chosen
+    rate has a tried one on both sides}."""
     search = range(min(n_search, n_seeds))
     runs = [run_seed(recipe, seed) for recipe in recipes for seed in search]
-    recipe = select_recipe(runs, recipes)
-    for extra in fallback:
-        if recipe and not all(r.get("at_floor") for r in runs if recipe_of(r) == recipe):
+    recipe, added, grid = select_recipe(runs, recipes), {"below": 0, "above": 0}, recipes
+    while recipe:
+        tried = rates_tried(recipes, recipe)
+        at_edge = [side for side, edge in (("below", tried[0]), ("above", tried[-1])) if recipe[1] == edge]
+        sides = [side for side in at_edge if added[side] < extend]
+        if not sides:
             break
-        if extra in recipes:  # a fallback rate the grid holds already: its runs are there, never twice
-            continue
-        say(f"no rate of --lr learned on dev; trying lr {extra[1]:g}")
+        side = sides[0]
+        extra = (recipe[0], next_rate(rates_tried(grid, recipe), tried, side), recipe[2])
+        added[side] += 1
+        say(f"lr {recipe[1]:g} is the {'lowest' if side == 'below' else 'highest'} rate tried; trying lr {extra[1]:g}")
         runs += [run_seed(extra, seed) for seed in search]
         recipes = recipes + [extra]
         recipe = select_recipe(runs, recipes)
@@ -224,15 +251,15 @@ def search_recipes(run_seed, recipes, fallback, n_search, n_seeds, shared=None, 
     if shared and recipe and tuple(shared) != recipe:
         runs += [{**run_seed(tuple(shared), seed), "selected": False} for seed in range(n_seeds)
                  if not any(recipe_of(r) == tuple(shared) and r["seed"] == seed for r in runs)]
-    return recipe, runs
+    tried = rates_tried(recipes, recipe) if recipe else []
+    return recipe, runs, {"rates": tried, "bracketed": bool(recipe) and tried[0] < recipe[1] < tried[-1]}
 
 
 def check_arguments(cfg):
     """finetune.py's grids, task and model names and directories, checked before any data is read;
     returns (model directories, tasks)."""
-    for option in ("epochs", "lr", "lr_fallback", "distill_hardness"):
-        if option != "lr_fallback" or cfg.lr_fallback:
-            grid(option.replace("_", "-"), getattr(cfg, option))
+    for option in ("epochs", "lr", "distill_hardness"):
+        grid(option.replace("_", "-"), getattr(cfg, option))
     model_dirs = [m for m in cfg.models.split(",") if m]
     tasks = [get_task(t) for t in cfg.tasks.split(",") if t]
     check_names(model_dirs, tasks, cfg.random_baseline, cfg.seeded)
@@ -266,8 +293,6 @@ def finetune_models(encoders, tasks, splits, labels, finetune_run, cfg, finished
     = {"recipe", "runs"}, info[name] about each encoder, floors[task] = {"dev", "test"} (the
     commonest training label's scores)."""
     recipes = [(epochs, lr) for epochs in grid("epochs", cfg.epochs) for lr in grid("lr", cfg.lr)]
-    fallback = [(epochs, lr, 0.0) for epochs in grid("epochs", cfg.epochs) for lr in
-                (grid("lr-fallback", cfg.lr_fallback) if cfg.lr_fallback else [])]
     hardness_grid = grid("distill-hardness", cfg.distill_hardness)
     distilling = any(h > 0 for h in hardness_grid)
     names_in_run = [name for name, *_ in encoders]
@@ -298,7 +323,11 @@ def finetune_models(encoders, tasks, splits, labels, finetune_run, cfg, finished
                 epochs, lr, hardness = recipe
                 state_file = os.path.join(cfg.out, "teachers", name, task.name, f"{epochs:g}-{lr:g}-{seed}.pt")
                 run_id = run_key(name, task.name, *recipe, seed)
-                if run_id in finished:  # an earlier process finished it; a teacher's weights were saved with it
+                lost = (is_teacher and run_id in finished and not finished[run_id].get("failed")
+                        and not os.path.exists(state_file))  # a teacher's weights deleted since: run it again
+                if lost:
+                    print(f"note: {state_file} is missing: {name} / {task.name} seed {seed} runs again for its weights")
+                if run_id in finished and not lost:  # an earlier process finished it (a teacher's weights saved)
                     run, state = finished[run_id], state_file
                 else:
                     teacher = None
@@ -324,9 +353,9 @@ def finetune_models(encoders, tasks, splits, labels, finetune_run, cfg, finished
 
             dense_recipe = results.get(dense_counterpart(name), {}).get(task.name, {}).get("recipe")
             shared = dense_recipe if cfg.shared_recipe and sparse and n_seeds == cfg.seeds else None
-            recipe, runs = search_recipes(run_seed, model_recipes, fallback, cfg.search_seeds, n_seeds, shared,
-                                          say=lambda text: print(f"note: {name} / {task.name}: {text}"))
-            results[name][task.name] = {"recipe": recipe, "runs": runs}
+            recipe, runs, search = search_recipes(run_seed, model_recipes, cfg.search_seeds, n_seeds, cfg.lr_extend,
+                                                  shared, say=lambda text: print(f"note: {name} / {task.name}: {text}"))
+            results[name][task.name] = {"recipe": recipe, "runs": runs, "search": search}
             if is_teacher and recipe:
                 teachers[(name, task.name)] = [states[(*recipe[:2], seed)] for seed in range(n_seeds)]
         if sparse:
@@ -382,6 +411,8 @@ def results_table(results, info, tasks, seeds_of, floors=None):
         text = f"{100 * m:.1f} ± {100 * s:.1f}" if seeds_of(name) > 1 else f"{100 * m:.1f}"
         if at_floor(name, task):
             text += " (at the floor)"
+        if not results[name][task.name].get("search", {}).get("bracketed", True):
+            text += " †"
         return text + (f" ({len(selected) - len(scores)} of {len(selected)} seeds failed)"
                        if len(scores) < len(selected) else "")
 
@@ -409,6 +440,9 @@ def results_table(results, info, tasks, seeds_of, floors=None):
         rows.append(["floor (commonest label)", "", "", ""] + [f"{100 * floors[t.name]['test']:.1f}" for t in tasks]
                     + ["", ""])
     table = "\n".join("| " + " | ".join(r) + " |" for r in [header, ["---"] * len(header)] + rows)
+    if "†" in table:
+        table += ("\n\n† the dev-selected rate is the lowest or highest rate tried (--lr-extend reached its limit): "
+                  "a better one may lie beyond it")
 
     def recipe_text(name, recipe):
         if recipe is None:
@@ -418,8 +452,14 @@ def results_table(results, info, tasks, seeds_of, floors=None):
     def failures(runs):
         failed = [f"lr {x['lr']:g} seed {x['seed']}: {x['failed']}" for x in runs if x.get("failed")]
         return f" [FAILED {len(failed)} run{'s' * (len(failed) > 1)}: {'; '.join(failed)}]" if failed else ""
-    chosen = "\n".join(f"- {name}: " + ", ".join(f"{t} {recipe_text(name, r['recipe'])}{failures(r['runs'])}"
-                                                  for t, r in results[name].items()) for name in results)
+    def search_text(search):
+        if not search or not search["rates"]:
+            return ""
+        return (f" (rates tried: {', '.join(f'{lr:g}' for lr in search['rates'])}"
+                f"{'' if search['bracketed'] else '; at the edge'})")
+    chosen = "\n".join(f"- {name}: " + ", ".join(f"{t} {recipe_text(name, r['recipe'])}{search_text(r.get('search'))}"
+                                                  f"{failures(r['runs'])}" for t, r in results[name].items())
+                        for name in results)
     return table, chosen
 
 
@@ -433,6 +473,7 @@ def write_results(out, config, table, chosen, info, results, floors=None, interv
     js = json.dumps({"config": config, "models": info, "floors": floors, "intervals": intervals,
                      "scores": {n: {t: test_scores(r["runs"]) for t, r in rs.items()} for n, rs in results.items()},
                      "recipes": {n: {t: r["recipe"] for t, r in rs.items()} for n, rs in results.items()},
+                     "searches": {n: {t: r.get("search") for t, r in rs.items()} for n, rs in results.items()},
                      "runs": {n: {t: r["runs"] for t, r in rs.items()} for n, rs in results.items()}}, indent=1)
     for name, text in (("results.md", md), ("results.json", js)):
         with open(os.path.join(out, name + ".tmp"), "w") as f:
