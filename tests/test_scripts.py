@@ -65,7 +65,7 @@ def test_train_bio_keeps_the_sparsity_pattern(bio):
         assert torch.equal(a != 0, b != 0), name  # the same zeros, to the element
     assert not torch.equal(start.bert.layers[0].query.weight, end.bert.layers[0].query.weight)  # it did train
     assert "sparsity pattern unchanged" in logs["general-sparse90"]
-    assert "next: python finetune.py --preset tiny --models" in logs["general-dense"]  # at the same size
+    assert "are done): python finetune.py --preset tiny --models" in logs["general-dense"]  # at the same size
     dense, ckpt = load_model(out / "bio-dense")
     assert ckpt["pruner"] is None and all((w != 0).all() for w in prunable_parameters(dense).values())
 
