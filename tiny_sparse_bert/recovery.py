@@ -146,6 +146,11 @@ def intervals_table(pair, boot):
     return "\n".join(rows) + "\n\n" + "; ".join(said) + "."
 
 
+def at_dense_recipe(results, sparse, dense):
+    """`bootstrap`'s `recipes` that read the sparse model at its dense counterpart's chosen recipes."""
+    return {sparse: {t: r["recipe"] for t, r in results[dense].items()}}
+
+
 def all_intervals(results, tasks, floors, seeds_of, shared_recipe, seeds):
     """Bootstrap intervals for every sparse model with its dense counterpart in the table: at its own
     recipe and, for the --seeded models with `shared_recipe`, at the dense model's. ({model: {how:
@@ -154,8 +159,8 @@ def all_intervals(results, tasks, floors, seeds_of, shared_recipe, seeds):
     test_floors = {t: f["test"] for t, f in floors.items()}
     for sparse in [n for n in results if dense_counterpart(n) in results]:
         dense = dense_counterpart(sparse)
-        shared = {sparse: {t: r["recipe"] for t, r in results[dense].items()}}
-        for how, recipes in (("its own dev-selected recipe", None), ("the dense model's recipe", shared)):
+        for how, recipes in (("its own dev-selected recipe", None),
+                             ("the dense model's recipe", at_dense_recipe(results, sparse, dense))):
             if recipes and not (shared_recipe and seeds_of(sparse) == seeds):
                 continue
             boot = bootstrap(results, tasks, sparse, dense, recipes, floors=test_floors)
@@ -187,7 +192,7 @@ def main(dirs):
     if not pairs:
         raise SystemExit("error: no sparse model has its dense counterpart in every one of these runs")
     for sparse, dense in pairs:
-        shared = [{sparse: {t: r[dense][t]["recipe"] for t in r[dense]}} for r in results]
+        shared = [at_dense_recipe(r, sparse, dense) for r in results]
         for how, recipes in (("its own dev-selected recipe", None), ("the dense model's recipe", shared)):
             boot = bootstrap(results, tasks, sparse, dense, recipes, floors=floors)
             print(f"{sparse} at {how}, over {len(dirs)} pretraining run{'s' * (len(dirs) > 1)} ({', '.join(dirs)}), "

@@ -231,7 +231,7 @@ def search_recipes(run_seed, recipes, n_search, n_seeds, extend=0, shared=None, 
     rate has a tried one on both sides}."""
     search = range(min(n_search, n_seeds))
     runs = [run_seed(recipe, seed) for recipe in recipes for seed in search]
-    recipe, added, grid = select_recipe(runs, recipes), {"below": 0, "above": 0}, recipes
+    recipe, added, grid_recipes = select_recipe(runs, recipes), {"below": 0, "above": 0}, recipes
     while recipe:
         tried = rates_tried(recipes, recipe)
         at_edge = [side for side, edge in (("below", tried[0]), ("above", tried[-1])) if recipe[1] == edge]
@@ -239,7 +239,7 @@ def search_recipes(run_seed, recipes, n_search, n_seeds, extend=0, shared=None, 
         if not sides:
             break
         side = sides[0]
-        extra = (recipe[0], next_rate(rates_tried(grid, recipe), tried, side), recipe[2])
+        extra = (recipe[0], next_rate(rates_tried(grid_recipes, recipe), tried, side), recipe[2])
         added[side] += 1
         say(f"lr {recipe[1]:g} is the {'lowest' if side == 'below' else 'highest'} rate tried; trying lr {extra[1]:g}")
         runs += [run_seed(extra, seed) for seed in search]
