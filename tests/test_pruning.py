@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from tiny_sparse_bert.model import BertConfig, BertForMaskedLM, BertForSequenceClassification
-from tiny_sparse_bert.pruning_lab import LabPruner
+from tiny_sparse_bert.pruning_lab import SCORES, LabPruner, fisher_score, wanda_score
 from tiny_sparse_bert.pruning import GradualMagnitudePruner, cubic_sparsity, prunable_parameters
 from tiny_sparse_bert.train import make_optimizer
 
@@ -116,8 +116,7 @@ def test_sparsity_report():
     assert "bert.layers.1.out.weight" in report and "50.0% of prunable" in report
 
 
-VARIANTS = [(score, pattern) for score in ("magnitude", "random", "movement")
-            for pattern in ("unstructured", "4x4", "neurons")]
+VARIANTS = [(score, pattern) for score in SCORES for pattern in ("unstructured", "4x4", "neurons")]
 
 
 def exact_zeros(pruner, s):
@@ -219,6 +218,89 @@ def test_the_pruner_state_resumes_score_pattern_and_movement():
     assert (again.score, again.pattern) == ("movement", "neurons")
     with pytest.raises(ValueError, match="LabPruner"):  # the paper's pruner does not take the lab's masks silently
         GradualMagnitudePruner(model).load_state_dict(state)
-    assert all(torch.equal(again.movement[n], pruner.movement[n]) for n in pruner.movement)
+    assert all(torch.equal(again.stats[n], pruner.stats[n]) for n in pruner.stats)
     with pytest.raises(SystemExit, match="--prune-pattern '3y3'"):
         LabPruner(model, pattern="3y3")
+
+
+def test_n_of_m_keeps_n_of_every_m_weights_along_the_input_and_never_revives():
+    """2:4 on a gradual schedule: exact scheduled sparsity per tensor at every update, never more than
+    M - N zeros in a group of M consecutive inputs, exactly N kept in each at the end."""
+    torch.manual_seed(0)
+    model = BertForMaskedLM(CFG)
+    pruner = LabPruner(model, 0.5, 0, 6, 2, pattern="2:4")
+    opt = make_optimizer(model, 1e-2, 0.1)
+    ids = torch.randint(5, 100, (4, 16))
+    previous = {n: m.clone() for n, m in pruner.masks.items()}
+    for step in range(8):
+        if pruner.update(step):
+            for n, p in pruner.params.items():
+                zeros = (p == 0).view(p.shape[0], -1, 4).sum(-1)
+                assert int(zeros.sum()) == round(pruner.current_target * p.numel()) and int(zeros.max()) <= 2
+        assert all(not (m & ~previous[n]).any() for n, m in pruner.masks.items()), step
+        previous = {n: m.clone() for n, m in pruner.masks.items()}
+        _, loss = model(ids, labels=ids)
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        pruner.apply()
+    assert all(((p != 0).view(p.shape[0], -1, 4).sum(-1) == 2).all() for p in pruner.params.values())
+    with pytest.raises(AssertionError, match="50%"):  # 2:4 is 50% sparse, not 90%
+        LabPruner(model, 0.9, pattern="2:4")
+
+
+def test_one_shot_prunes_everything_at_one_step():
+    torch.manual_seed(0)
+    model = BertForMaskedLM(CFG)
+    pruner = LabPruner(model, 0.9, 5, 5, 20, score="fisher")
+    assert [step for step in range(12) if pruner.should_update(step)] == [5]
+    assert pruner.target(4) == 0.0 and pruner.target(5) == 0.9
+
+
+def test_the_data_scores_rank_by_their_formulas():
+    """Hand-made weights, gradients and inputs: each score is its paper's formula."""
+    w = torch.tensor([[1.0, -2.0], [3.0, 0.5]])
+    assert torch.equal(wanda_score(w, torch.tensor([4.0, 0.25])), torch.tensor([[2.0, 1.0], [6.0, 0.25]]))
+    assert torch.equal(fisher_score(w, torch.tensor([[1.0, 0.0], [0.5, 4.0]])), torch.tensor([[1.0, 0.0], [4.5, 1.0]]))
+    for score, expected in (("taylor", lambda w, g0, g1: 0.9 * (w * g0).abs() + (w * g1).abs()),
+                            ("fisher", lambda w, g0, g1: w * w * (g0 * g0 + g1 * g1)),
+                            ("movement", lambda w, g0, g1: -w * (g0 + g1))):
+        torch.manual_seed(0)
+        model = BertForMaskedLM(CFG)
+        grads = [{n: torch.randn_like(p) for n, p in prunable_parameters(model).items()} for _ in range(2)]
+        pruner = LabPruner(model, 0.5, 0, 2, 2, score=score)
+        for g in grads:
+            for n, p in pruner.params.items():
+                p.grad = g[n]
+            pruner.accumulate()
+        w = {n: p.detach().clone() for n, p in pruner.params.items()}
+        s = {n: expected(w[n], grads[0][n], grads[1][n]) for n in w}
+        assert all(torch.allclose(SCORES[score](w[n], pruner.stats[n]), s[n]) for n in w), score
+        pruner.update(2)  # the lowest half of each tensor by the formula goes
+        assert all(torch.equal(~pruner.masks[n], s[n] <= s[n].flatten().kthvalue(s[n].numel() // 2).values)
+                   for n in w), score
+
+
+def test_wanda_gathers_each_layers_input_norms_in_training_only():
+    torch.manual_seed(0)
+    model = BertForMaskedLM(CFG)
+    pruner = LabPruner(model, 0.5, 0, 4, 2, score="wanda")
+    seen = {}
+    query = model.bert.layers[1].query
+    hook = query.register_forward_hook(lambda m, inputs, out: seen.setdefault("x", inputs[0].detach()))
+    ids = torch.randint(5, 100, (3, 16))
+    model(ids)
+    model.eval()
+    model(ids)  # evaluation adds nothing
+    hook.remove()
+    x = seen["x"].reshape(-1, CFG.hidden)
+    name = "bert.layers.1.query.weight"
+    assert torch.allclose(pruner.stats[name], (x * x).sum(0), rtol=1e-5)
+    pruner.update(4)
+    s = pruner.params[name].detach().abs() * (x * x).sum(0).sqrt()
+    assert torch.equal(~pruner.masks[name], s <= s.flatten().kthvalue(s.numel() // 2).values)
+    again = LabPruner(model)
+    again.load_state_dict(pruner.state_dict())  # a resumed Wanda pruner gathers again
+    model.train()
+    model(ids)
+    assert again.stats[name].sum() > 0 and len(again.hooks) == len(again.params)

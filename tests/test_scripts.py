@@ -481,4 +481,11 @@ def test_options_that_would_fail_later_are_refused_at_start_up(mirror_data, tmp_
     assert run_failing(args + ["--lr", "inf"]) == "error: --lr inf: must be a finite number > 0"
     line = run_failing(args + ["--prune-pattern", "3x5"])  # 64 and 128 wide at the tiny size
     assert line.startswith("error: --prune-pattern 3x5: the prunable weights (64 and 128 wide) are not made of")
+    line = run_failing(args + ["--prune-pattern", "2:4"])  # 2:4 is 50% sparse, the preset asks 90%
+    assert line == "error: --prune-pattern 2:4 keeps 2 of every 4 weights: give --final-sparsity 0.5"
+    assert run_failing(args + ["--prune-pattern", "2:3", "--final-sparsity", "0.333333333333"]).startswith(
+        "error: --prune-pattern 2:3: the weights' inputs (64 and 128 wide) do not split into groups of 3")
+    assert run_failing(args + ["--prune-score", "obs"]).startswith("error: --prune-score 'obs': use magnitude")
+    line = run_failing(args + ["--prune-begin", "0.5", "--prune-end", "0.4"])
+    assert line.endswith("(equal: one-shot, every weight goes at that step)")
     assert not (tmp_path / "out").exists()

@@ -271,12 +271,15 @@ class Bookkeeper:
         return iter(self.bar)
 
     def mask_updated(self, step):
-        """After a mask update: under torchrun, check the ranks agree; record it."""
+        """After a mask update: under torchrun, check the ranks agree; record it; after the last one,
+        the held-out loss of the model just pruned (before any recovery)."""
         if self.distributed:
             check_masks_agree(self.pruner.masks)
         if self.is_main:
             append_record(self.report.record_path, step=step, mask_update=True,
                           target_sparsity=self.pruner.current_target)
+        if self.is_main and self.report.eval_fn and self.pruner.current_target >= self.pruner.final_sparsity:
+            self.bar.write(f"  eval @ {step}, the final mask just applied: " + self.report.eval_fn(step))
 
     def step_done(self, step, loss, grad_norm, lr):
         """After the optimizer step: sum the loss, note a non-finite one, then log, evaluate, save

@@ -25,7 +25,7 @@ import torch
 from .bookkeeping import all_finite, file_sha256, load_checkpoint, lock_dir
 from .data import load_tokenizer
 from .model import BertConfig, BertForMaskedLM
-from .pruning_lab import SCORES, parse_pattern
+from .pruning_lab import SCORES, n_of_m, parse_pattern
 
 
 def dense_counterpart(name):
@@ -287,15 +287,24 @@ def check_model_and_pruning(cfg):
                          f"hidden / n_head dimensions)")
     if cfg.prune_score not in SCORES:
         raise SystemExit(f"error: --prune-score {cfg.prune_score!r}: use {', '.join(SCORES)}")
-    pattern = parse_pattern(cfg.prune_pattern)  # unstructured, neurons or RxC
+    pattern = parse_pattern(cfg.prune_pattern)  # unstructured, neurons, RxC or N:M
     if "x" in pattern:  # every prunable weight is hidden x hidden, intermediate x hidden or hidden x intermediate
         rows, cols = map(int, pattern.split("x"))
         if any(size % r for size in (cfg.hidden, cfg.intermediate) for r in (rows, cols)):
             raise SystemExit(f"error: --prune-pattern {pattern}: the prunable weights ({cfg.hidden} and "
                              f"{cfg.intermediate} wide) are not made of {pattern} blocks; choose block sides that "
                              f"divide both")
-    if cfg.prune_begin >= cfg.prune_end:
-        raise SystemExit(f"error: --prune-begin {cfg.prune_begin} must be below --prune-end {cfg.prune_end}")
+    if n_of_m(pattern):  # N:M: groups of M along each weight's input, exactly 1 - N/M of them zero
+        n, m = n_of_m(pattern)
+        if cfg.hidden % m or cfg.intermediate % m:
+            raise SystemExit(f"error: --prune-pattern {pattern}: the weights' inputs ({cfg.hidden} and "
+                             f"{cfg.intermediate} wide) do not split into groups of {m}")
+        if abs(cfg.final_sparsity - (1 - n / m)) > 1e-9:
+            raise SystemExit(f"error: --prune-pattern {pattern} keeps {n} of every {m} weights: give "
+                             f"--final-sparsity {1 - n / m:g}")
+    if cfg.prune_begin > cfg.prune_end:
+        raise SystemExit(f"error: --prune-begin {cfg.prune_begin} must not be after --prune-end {cfg.prune_end} "
+                         f"(equal: one-shot, every weight goes at that step)")
 
 
 def remove_run_files(directories):

@@ -17,7 +17,8 @@ pretraining, then keeps the mask fixed for domain-adaptive pretraining and fine-
 Sparsity is always the absolute fraction of zeros in a tensor. The pruning lab (pruning_lab.py)
 subclasses this class: it changes `units` (which score, over which groups of weights) and
 `masks_of` (a kept unit's weights), and `accumulate` for scores that read gradients; the paper's
-path here does not run through it.
+path here does not run through it. With `begin_step == end_step` the schedule is one-shot: every
+weight goes at that one step.
 """
 import math
 
@@ -156,7 +157,7 @@ class GradualMagnitudePruner:
         return {"masks": dict(self.masks), "frozen": self.frozen, "final_sparsity": self.final_sparsity,
                 "initial_sparsity": self.initial_sparsity, "begin_step": self.begin_step,
                 "end_step": self.end_step, "prune_every": self.prune_every, "global_": self.global_,
-                "score": self.score, "pattern": self.pattern, "movement": {}}  # the lab's keys: one format
+                "score": self.score, "pattern": self.pattern, "stats": {}}  # the lab's keys: one format
 
     def load_state_dict(self, state):
         masks = state["masks"]

@@ -5,55 +5,107 @@ A support module: the paper (magnitude, unstructured, pruning.py) can be followe
 and change (docs/pruning-lab.md compares them all from one model):
 
 - scores: `magnitude_score` (|w|, the paper's), `random_score` (the baseline any criterion must
-  beat), `movement_score` (Sanh et al. 2020: -w x dL/dw summed over the steps since the last mask
-  update; `pruner.accumulate()` reads the gradients right after `loss.backward()`);
+  beat), and four that read data, gathered over the steps since the last mask update:
+  `movement_score` (Sanh et al. 2020), `taylor_score` (first-order Taylor with momentum),
+  `fisher_score` (diagonal Fisher, Optimal Brain Damage) from the gradients, which
+  `pruner.accumulate()` reads right after `loss.backward()`; `wanda_score` (Sun et al. 2023) from
+  each layer's inputs, which a forward hook reads;
 - patterns: unstructured (each weight alone), blocks of R x C weights (a block's score is the sum
-  of its weights' scores; whole blocks go), and "neurons": a feed-forward neuron is a row of the
-  intermediate weight with the matching column of the output weight, an attention dimension a
-  row of the query with the same row of the key, or a row of the value with the same column of
-  the attention output; whole neurons go (`sparse.convert_to_sparse` then compacts the
-  feed-forward into smaller dense matrices).
+  of its weights' scores; whole blocks go), N:M (of every M consecutive weights along the input,
+  N stay: what GPUs' sparse tensor cores run, 2:4), and "neurons": a feed-forward neuron is a row
+  of the intermediate weight with the matching column of the output weight, an attention
+  dimension a row of the query with the same row of the key, or a row of the value with the same
+  column of the attention output; whole neurons go (`sparse.convert_to_sparse` then compacts
+  them into smaller dense matrices).
 
 Whatever the score, a pruned weight stays pruned: its unit's score is set to -inf before each
-update (a random or a movement score would otherwise bring zeros back).
+update (a random or a data-driven score would otherwise bring zeros back).
+
+One-shot pruning is the schedule with `begin_step == end_step`: every weight goes at that step,
+scored on what was gathered in the `prune_every` steps before it (train_general.py
+`--prune-begin 0.05 --prune-end 0.05`).
 """
+import math
+
 import torch
+import torch.distributed as dist
 
 from .pruning import GradualMagnitudePruner
 
 # ---------------------------------------------------------------------------------- scores
-# Importance of each weight (a tensor of its shape); the lowest are pruned. `movement` is what
-# `accumulate` summed since the last mask update.
+# Importance of each weight (a tensor of its shape); the lowest are pruned. `stats` is what the
+# pruner gathered for this weight since the last mask update (see GATHER below).
 
-def magnitude_score(weight, movement):
+def magnitude_score(weight, stats):
     """|w| (Zhu & Gupta 2017; Sparse*BERT): small weights matter least."""
     return weight.abs()
 
 
-def random_score(weight, movement):
+def random_score(weight, stats):
     """A random order (torch's seeded generator): what any criterion must beat."""
     return torch.rand(weight.shape, device=weight.device)
 
 
-def movement_score(weight, movement):
-    """Sanh et al. 2020: -sum_t w dL/dw. High when training pushes a weight away from zero, low when
-    it pulls it towards zero, whatever its size now."""
-    return movement
+def movement_score(weight, stats):
+    """Sanh et al. 2020, "Movement pruning": -sum_t w dL/dw. High when training pushes a weight away
+    from zero, low when it pulls it towards zero, whatever its size now."""
+    return stats
 
 
-SCORES = {"magnitude": magnitude_score, "random": random_score, "movement": movement_score}
+def taylor_score(weight, stats):
+    """First-order Taylor, |w dL/dw| (Molchanov et al. 2019): the loss change if w went to zero, to
+    first order; averaged with momentum, S <- 0.9 S + |w dL/dw| (Intel Neural Compressor's
+    "snip_momentum"; SNIP, Lee et al. 2019, is the single-batch case)."""
+    return stats
+
+
+def fisher_score(weight, stats):
+    """Diagonal Fisher, Optimal Brain Damage (LeCun et al. 1990; the block-size-1 case of oBERT,
+    Kurtic et al. 2022): the loss rises by about w^2 F / 2 when w goes, F = mean of (dL/dw)^2, the
+    diagonal of the empirical Fisher. Here the sum over the window: every weight sees the same
+    steps, so the ranking is the mean's."""
+    return weight.pow(2) * stats
+
+
+def wanda_score(weight, stats):
+    """Wanda (Sun et al. 2023, "A simple and effective pruning approach for LLMs"): |W_ij| ||X_j||_2,
+    X_j the j-th input feature over the tokens seen (stats: sum of x_j^2, one per input). A weight
+    on an input that is always large matters more than its size says. Wanda compares within each
+    output row and prunes once; here it goes through the pruner's grouping like every score (per
+    tensor or global, any pattern) and the cubic schedule."""
+    return weight.abs() * stats.sqrt()[None, :]
+
+
+SCORES = {"magnitude": magnitude_score, "random": random_score, "movement": movement_score,
+          "taylor": taylor_score, "fisher": fisher_score, "wanda": wanda_score}
+
+# What the data-driven scores gather, after each backward from the weight w and its gradient g
+# (in place into s, one tensor per weight), or from the layer's input x (wanda, a forward hook).
+GATHER = {"movement": lambda s, w, g: s.sub_(w * g),
+          "taylor": lambda s, w, g: s.mul_(0.9).add_((w * g).abs()),
+          "fisher": lambda s, w, g: s.add_(g * g)}
+KEEPS_ACROSS_UPDATES = ("taylor",)  # a moving average; the others count from one mask update to the next
 
 
 # ---------------------------------------------------------------------------------- patterns
 
 def parse_pattern(text):
-    """--prune-pattern: "unstructured", "RxC" (blocks, e.g. 4x4) or "neurons"."""
+    """--prune-pattern: "unstructured", "neurons", "RxC" (blocks, e.g. 4x4) or "N:M" (e.g. 2:4)."""
     if text in ("unstructured", "neurons"):
+        return text
+    n, colon, m = text.partition(":")
+    if colon and n.isdigit() and m.isdigit() and 0 < int(n) < int(m):
         return text
     rows, _, cols = text.partition("x")
     if not (rows.isdigit() and cols.isdigit() and int(rows) > 0 and int(cols) > 0):
-        raise SystemExit(f"error: --prune-pattern {text!r}: use unstructured, neurons or a block shape such as 4x4")
+        raise SystemExit(f"error: --prune-pattern {text!r}: use unstructured, neurons, a block shape such as 4x4 "
+                         f"or N of every M weights such as 2:4")
     return text
+
+
+def n_of_m(pattern):
+    """(N, M) of an "N:M" pattern, else None."""
+    return tuple(map(int, pattern.split(":"))) if ":" in pattern else None
 
 
 def neuron_groups(names):
@@ -80,35 +132,70 @@ def make_pruner(model, final_sparsity, begin_step, end_step, prune_every, global
 
 
 class LabPruner(GradualMagnitudePruner):
-    """GMP with another `score` ("magnitude", "random" or "movement") and `pattern`
-    ("unstructured", "RxC" blocks or "neurons"); `global_` puts one threshold across all weights
-    instead of one per tensor (per pair of tensors for neurons)."""
+    """GMP with another `score` (one of SCORES) and `pattern` ("unstructured", "RxC" blocks, "N:M"
+    or "neurons"); `global_` puts one threshold across all weights instead of one per tensor (per
+    pair of tensors for neurons)."""
 
     def __init__(self, model, final_sparsity=0.9, begin_step=0, end_step=1000, prune_every=100,
                  initial_sparsity=0.0, global_=False, score="magnitude", pattern="unstructured"):
         super().__init__(model, final_sparsity, begin_step, end_step, prune_every, initial_sparsity, global_)
+        self.modules = {name: model.get_submodule(name.rsplit(".", 1)[0]) for name in self.params}  # their Linears
+        self.hooks = []
+        self.choose(score, pattern)
+
+    def choose(self, score, pattern):
+        """Set the score and the pattern; start gathering what the score reads."""
         assert score in SCORES, f"score {score!r}: one of {', '.join(SCORES)}"
         self.score, self.pattern = score, parse_pattern(pattern)
-        self.movement = {name: torch.zeros_like(p) for name, p in self.params.items()} if score == "movement" else {}
+        if n_of_m(self.pattern):
+            n, m = n_of_m(self.pattern)
+            assert abs(self.final_sparsity - (1 - n / m)) < 1e-9, f"{pattern} is {1 - n / m:.0%} sparse exactly"
+        gathers = score in GATHER or score == "wanda"
+        self.stats = {name: torch.zeros(p.shape[1] if score == "wanda" else p.shape, device=p.device)
+                      for name, p in self.params.items()} if gathers else {}
+        for hook in self.hooks:
+            hook.remove()
+        self.hooks = [self.modules[name].register_forward_hook(self.input_norms(name))
+                      for name in self.params] if score == "wanda" else []
+
+    def input_norms(self, name):
+        """A forward hook for Wanda: add each input feature's sum of squares over the tokens of a
+        training batch (evaluation in eval mode and a frozen pruner gather nothing)."""
+        def hook(module, inputs, output):
+            if module.training and not self.frozen:
+                with torch.no_grad():
+                    self.stats[name] += inputs[0].detach().float().pow(2).flatten(0, -2).sum(0)
+        return hook
 
     @torch.no_grad()
     def accumulate(self):
-        """After loss.backward(): add -w * dL/dw to the movement scores (a no-op for the other scores)."""
-        for name, m in self.movement.items():
-            if self.params[name].grad is not None:
-                m -= self.params[name] * self.params[name].grad
+        """After loss.backward(): the gradient-based scores add this step's term (GATHER)."""
+        if self.score in GATHER:
+            for name, s in self.stats.items():
+                if self.params[name].grad is not None:
+                    GATHER[self.score](s, self.params[name], self.params[name].grad)
 
     @torch.no_grad()
     def units(self):
         """{group: (unit scores, already pruned)}: the units the pattern prunes whole, each group a
-        tensor (unstructured, blocks) or a tuple of (tensor, axis) pairs (neurons)."""
-        scores = {n: SCORES[self.score](p, self.movement.get(n)) for n, p in self.params.items()}
+        tensor (unstructured, blocks, N:M) or a tuple of (tensor, axis) pairs (neurons)."""
+        if self.score == "wanda" and dist.is_available() and dist.is_initialized():
+            for s in self.stats.values():  # each rank saw its own tokens; the masks must agree
+                dist.all_reduce(s)
+        scores = {n: SCORES[self.score](p, self.stats.get(n)) for n, p in self.params.items()}
         units = {}
         if self.pattern == "neurons":
             for group in neuron_groups(self.params):
                 unit = sum(scores[name].sum(1 - axis) for name, axis in group)  # a row or a column each
                 name, axis = group[0]
                 units[tuple(group)] = (unit, ~self.masks[name].any(1 - axis))
+        elif n_of_m(self.pattern):  # only the M - N lowest of each group of M along a row may go
+            n, m = n_of_m(self.pattern)
+            for name, s in scores.items():
+                pruned = ~self.masks[name]
+                groups = s.masked_fill(pruned, -math.inf).view(s.shape[0], -1, m)
+                lowest = groups.argsort(dim=-1, stable=True).argsort(dim=-1) < m - n  # pruned ones rank lowest
+                units[name] = (groups.masked_fill(~lowest, math.inf).view_as(s), pruned)
         else:
             block = (1, 1) if self.pattern == "unstructured" else tuple(map(int, self.pattern.split("x")))
             for name, s in scores.items():
@@ -125,15 +212,17 @@ class LabPruner(GradualMagnitudePruner):
 
     def update(self, step):
         updated = super().update(step)
-        if updated:
-            for m in self.movement.values():
-                m.zero_()  # movement counts from one update to the next
+        if updated and self.score not in KEEPS_ACROSS_UPDATES:
+            for s in self.stats.values():
+                s.zero_()  # counted from one mask update to the next
         return updated
 
     def state_dict(self):
-        return {**super().state_dict(), "movement": dict(self.movement)}
+        return {**super().state_dict(), "stats": dict(self.stats)}
 
     def load_state_dict(self, state):
-        self.score, self.pattern = state.get("score", "magnitude"), parse_pattern(state.get("pattern", "unstructured"))
+        self.score, self.pattern = state.get("score", "magnitude"), state.get("pattern", "unstructured")
         super().load_state_dict(state)
-        self.movement = {n: m.to(self.params[n].device) for n, m in state.get("movement", {}).items()}
+        self.choose(self.score, self.pattern)
+        stats = state.get("stats", state.get("movement", {}))  # "movement": checkpoints from before the other scores
+        self.stats = {n: s.to(self.params[n].device) for n, s in stats.items()}
