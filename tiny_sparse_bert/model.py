@@ -89,6 +89,7 @@ class Layer(nn.Module):
         self.drop = Dropout(config.dropout)
         self.attn_dropout = config.dropout
         self.pre_norm = config.pre_norm
+        self.scale = None  # softmax scale: None = 1/sqrt(hs); sparse.compact_attention keeps it when hs shrinks
 
     def attention(self, x, attn_mask, real=None):
         """x (B, T, C) -> (B, T, C); or, with `real` (B, T) bool, x (N, C) holds only the N real
@@ -96,15 +97,15 @@ class Layer(nn.Module):
         q, k, v = (lin(x) for lin in (self.query, self.key, self.value))
         if real is not None:
             q, k, v = (unpack(t, real) for t in (q, k, v))
-        B, T, C = q.shape
+        B, T, _ = q.shape
         # (B, T, C) -> (B, nh, T, hs)
-        q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
+        q, k, v = (t.view(B, T, self.n_head, -1).transpose(1, 2) for t in (q, k, v))
         p = self.attn_dropout if self.training else 0.0
         if p > 0 and x.device.type == "cpu":
             y = attend_with_dropout(q, k, v, attn_mask, p)
         else:
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=p)  # (B, nh, T, hs)
-        y = y.transpose(1, 2).reshape(B, T, C)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=p, scale=self.scale)
+        y = y.transpose(1, 2).reshape(B, T, -1)  # (B, nh, T, hs) -> (B, T, C)
         return self.attn_out(y if real is None else y[real])
 
     def feed_forward(self, x):

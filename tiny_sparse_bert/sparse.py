@@ -10,7 +10,8 @@ A pruned weight in plain PyTorch is a dense tensor full of zeros: as large and a
   up to 93.75% sparsity, and simpler to read.
 - `convert_to_sparse`: makes every pruned Linear cheaper in the way its zeros allow, found from the
   zeros themselves: a feed-forward whose neurons were pruned whole becomes two smaller dense
-  Linears (`compact_feed_forward`: full dense speed); a weight whose zeros are whole b x b blocks
+  Linears (`compact_feed_forward`: full dense speed), an attention whose dimensions were pruned
+  whole smaller query, key, value and output Linears per head (`compact_attention`); a weight whose zeros are whole b x b blocks
   multiplies in block-sparse rows (BSR); any other pruned weight in compressed sparse rows (CSR;
   MKL's sparse kernels on CPU).
 
@@ -130,15 +131,51 @@ def compact_feed_forward(layer):
     return kept
 
 
+def compact_attention(layer):
+    """An attention whose dimensions were pruned whole (a query row with the same key row; a value
+    row with the same attention-output column) loses them: per head, the kept query/key dimensions
+    and the kept value dimensions go into smaller dense Linears, padded with zero rows to the head
+    that keeps most, so that all heads still run in one batched product. The same outputs: a
+    pruned query/key dimension adds b_q b_k to every score of a query alike, which softmax ignores;
+    a pruned value dimension reaches the output through a zero column. Returns (qk, v) widths kept
+    per head."""
+    nh, hs = layer.n_head, layer.query.out_features // layer.n_head
+    alive_qk = ((layer.query.weight != 0).any(1) | (layer.key.weight != 0).any(1)).view(nh, hs)
+    alive_v = ((layer.value.weight != 0).any(1) | (layer.attn_out.weight != 0).any(0)).view(nh, hs)
+
+    def gather(alive):  # (nh, hs) bool -> indices (nh, width) into the C rows, and which are padding
+        width = max(1, int(alive.sum(1).max()))
+        order = alive.float().argsort(dim=1, descending=True, stable=True)[:, :width]  # kept dimensions first
+        pad = ~alive.gather(1, order)
+        return (order + torch.arange(nh)[:, None] * hs).flatten(), pad.flatten(), width
+
+    def rows(linear, index, pad):  # a Linear with only these output rows (padding rows zero)
+        small = nn.Linear(linear.in_features, index.numel())
+        small.weight.copy_(linear.weight[index].masked_fill(pad[:, None], 0))
+        small.bias.copy_(linear.bias[index].masked_fill(pad, 0))
+        return small
+
+    qk, qk_pad, qk_width = gather(alive_qk)
+    v, v_pad, v_width = gather(alive_v)
+    attn_out = nn.Linear(v.numel(), layer.attn_out.out_features)
+    attn_out.weight.copy_(layer.attn_out.weight[:, v].masked_fill(v_pad[None, :], 0))
+    attn_out.bias.copy_(layer.attn_out.bias)
+    layer.scale = layer.scale or hs ** -0.5  # the scores keep the full head size's scale
+    layer.query, layer.key = rows(layer.query, qk, qk_pad), rows(layer.key, qk, qk_pad)
+    layer.value, layer.attn_out = rows(layer.value, v, v_pad), attn_out
+    return qk_width, v_width
+
+
 @torch.no_grad()
 def convert_to_sparse(model, min_sparsity=0.7):
     """Make, in place, each pruned part of the encoder cheaper; returns {"compacted", "bsr", "csr"} counts.
 
-    A feed-forward with whole neurons pruned is compacted (two smaller dense Linears); then each
+    A feed-forward with whole neurons pruned is compacted (two smaller dense Linears), and so is an
+    attention with whole dimensions pruned (four smaller dense Linears); then each
     prunable Linear with at least `min_sparsity` zeros becomes a SparseLinear, BSR if its zeros
     are whole blocks, else CSR. Below ~70% zeros a CSR product is slower than MKL's dense one, so
-    those layers stay dense, as do attention itself, embeddings, LayerNorms and heads. For
-    inference only (no gradients).
+    those layers stay dense, as do embeddings, LayerNorms and heads. For inference only (no
+    gradients).
     """
     if next(model.parameters()).device.type == "mps":  # torch has no sparse CSR products on Apple's GPU
         raise ValueError("sparse CSR inference runs on the CPU (or CUDA), not on mps: call model.cpu() first")
@@ -147,6 +184,11 @@ def convert_to_sparse(model, min_sparsity=0.7):
         dead = ~(layer.out.weight != 0).any(0)  # whole neurons pruned: the pattern "neurons"
         if float(dead.float().mean()) >= min_sparsity:
             compact_feed_forward(layer)
+            done["compacted"] += 1
+        dead_qk = ~((layer.query.weight != 0).any(1) | (layer.key.weight != 0).any(1))  # attention dimensions
+        dead_v = ~((layer.value.weight != 0).any(1) | (layer.attn_out.weight != 0).any(0))
+        if min(float(dead_qk.float().mean()), float(dead_v.float().mean())) >= min_sparsity:
+            compact_attention(layer)
             done["compacted"] += 1
     for name in list(prunable_parameters(model)):
         module_path = name.rsplit(".", 1)[0]  # "...layers.0.query.weight" -> "...layers.0.query"
