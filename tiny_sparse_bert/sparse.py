@@ -11,9 +11,9 @@ A pruned weight in plain PyTorch is a dense tensor full of zeros: as large and a
 - `convert_to_sparse`: makes every pruned Linear cheaper in the way its zeros allow, found from the
   zeros themselves: a feed-forward whose neurons were pruned whole becomes two smaller dense
   Linears (`compact_feed_forward`: full dense speed), an attention whose dimensions were pruned
-  whole smaller query, key, value and output Linears per head (`compact_attention`); a weight whose zeros are whole b x b blocks
-  multiplies in block-sparse rows (BSR); any other pruned weight in compressed sparse rows (CSR;
-  MKL's sparse kernels on CPU).
+  whole smaller query, key, value and output Linears per head (`compact_attention`); a weight
+  whose zeros are whole b x b blocks multiplies in block-sparse rows (BSR); any other pruned
+  weight in compressed sparse rows (CSR; MKL's sparse kernels on CPU).
 
     python -m tiny_sparse_bert.sparse out/bio-sparse90 --to out/bio-sparse90.sparse.pt
     python -m tiny_sparse_bert.sparse DIR --hf DIR-hf   # a transformers BERT (models without ALiBi)
