@@ -131,6 +131,14 @@ def compact_feed_forward(layer):
     return kept
 
 
+def attention_dims_alive(layer):
+    """(C,) bools each: which query/key dimensions (a row of either weight not zero) and which value
+    dimensions (a value row or an attention-output column not zero) still reach the output."""
+    qk = (layer.query.weight != 0).any(1) | (layer.key.weight != 0).any(1)
+    v = (layer.value.weight != 0).any(1) | (layer.attn_out.weight != 0).any(0)
+    return qk, v
+
+
 def compact_attention(layer):
     """An attention whose dimensions were pruned whole (a query row with the same key row; a value
     row with the same attention-output column) loses them: per head, the kept query/key dimensions
@@ -140,8 +148,7 @@ def compact_attention(layer):
     a pruned value dimension reaches the output through a zero column. Returns (qk, v) widths kept
     per head."""
     nh, hs = layer.n_head, layer.query.out_features // layer.n_head
-    alive_qk = ((layer.query.weight != 0).any(1) | (layer.key.weight != 0).any(1)).view(nh, hs)
-    alive_v = ((layer.value.weight != 0).any(1) | (layer.attn_out.weight != 0).any(0)).view(nh, hs)
+    alive_qk, alive_v = (alive.view(nh, hs) for alive in attention_dims_alive(layer))
 
     def gather(alive):  # (nh, hs) bool -> indices (nh, width) into the C rows, and which are padding
         width = max(1, int(alive.sum(1).max()))
@@ -185,9 +192,8 @@ def convert_to_sparse(model, min_sparsity=0.7):
         if float(dead.float().mean()) >= min_sparsity:
             compact_feed_forward(layer)
             done["compacted"] += 1
-        dead_qk = ~((layer.query.weight != 0).any(1) | (layer.key.weight != 0).any(1))  # attention dimensions
-        dead_v = ~((layer.value.weight != 0).any(1) | (layer.attn_out.weight != 0).any(0))
-        if min(float(dead_qk.float().mean()), float(dead_v.float().mean())) >= min_sparsity:
+        alive_qk, alive_v = attention_dims_alive(layer)  # whole attention dimensions pruned: "neurons" too
+        if 1 - max(float(alive_qk.float().mean()), float(alive_v.float().mean())) >= min_sparsity:
             compact_attention(layer)
             done["compacted"] += 1
     for name in list(prunable_parameters(model)):
