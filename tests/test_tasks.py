@@ -5,7 +5,8 @@ from tiny_sparse_bert.data import train_tokenizer
 from tiny_sparse_bert.model import IGNORE_INDEX
 from tiny_sparse_bert.tasks import (TASKS, best_threshold, collate, encode, entity_f1, entity_spans, f1_scores,
                                     get_task, label_list, length_grouped_batches, load_splits, multilabel_f1,
-                                    read_chemprot, read_hoc, read_ner, read_nicta, read_pubmedqa, read_sentence_label)
+                                    read_chemprot, read_ddi, read_hoc, read_ner, read_nicta, read_pubmedqa,
+                                    read_sentence_label)
 
 
 def write(tmp_path, name, text):
@@ -66,6 +67,11 @@ def test_readers_and_malformed_lines(tmp_path):
         [("The heart .", None, "background"), ("It beats .", None, "outcome")]
     with pytest.raises(ValueError, match=r"n2.txt:2: expected 'label<TAB>sentence'"):
         read_nicta(write(tmp_path, "n2.txt", "###1\njust text\n"))
+    header = "pair_id\tlabel\te1_text\te1_type\te1_offset\te2_text\te2_type\te2_offset\tsentence_masked\n"
+    pair = "d1.s1.p0\teffect\taspirin\tdrug\t0-6\twarfarin\tdrug\t20-27\t@DRUG$ raises the effect of @DRUG$ .\n"
+    assert read_ddi(write(tmp_path, "ddi.tsv", header + pair)) == [("@DRUG$ raises the effect of @DRUG$ .", None, "effect")]
+    with pytest.raises(ValueError, match=r"ddi2.tsv:2: expected 9 tab-separated columns"):
+        read_ddi(write(tmp_path, "ddi2.tsv", header + "d1.s1.p0\teffect\tonly three\n"))
     qa = read_pubmedqa(write(tmp_path, "q.jsonl", '{"question": "Q?", "contexts": ["a", "b"], "final_decision": "yes"}\n'))
     assert qa == [("Q?", "a b", "yes")]
     assert read_sentence_label(write(tmp_path, "s.tsv", "sentence\tlabel\ngood film \t1\n"), header=True) == \

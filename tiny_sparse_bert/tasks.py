@@ -2,7 +2,7 @@
 
 A support module of finetune.py: the paper can be followed without it.
 The biomedical tasks of BioBERT / BLURB that Sparse*BERT reports (Campos et al. 2022, table 2):
-NER (NCBI-disease, BC5CDR-chem, BC5CDR-disease), relation classification (ChemProt) and
+NER (NCBI-disease, BC5CDR-chem, BC5CDR-disease), relation classification (ChemProt, DDI) and
 sentence classification (HoC, multi-label; NICTA-PIBOSO as a stand-in for PubMed RCT; PubMedQA),
 plus CoNLL-2003 and SST-2 for the general domain. `TASKS` maps each name to its files and reader;
 `ner:DIR` and `cls:DIR` describe a user's own data set in the same formats.
@@ -115,6 +115,21 @@ def read_nicta(path):
     return examples
 
 
+def read_ddi(path):
+    """DDI 2013 pairs: a header, then 9 tab-separated columns; the label is the 2nd (false, mechanism,
+    effect, advise, int), the text the 9th, with both drugs of the pair replaced by @DRUG$."""
+    examples = []
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            parts = line.rstrip("\n").split("\t")
+            if n == 1 or not line.strip():
+                continue
+            if len(parts) != 9 or not parts[1] or not parts[8].strip():
+                raise ValueError(f"{path}:{n}: expected 9 tab-separated columns: pair_id, label, ..., sentence_masked")
+            examples.append((parts[8], None, parts[1]))
+    return examples
+
+
 def read_pubmedqa(path):
     """PubMedQA JSON lines: (question, contexts joined) -> yes/no/maybe (reasoning-required setting)."""
     return read_json_lines(path, lambda row: (text(row["question"]), " ".join(map(text, row["contexts"])),
@@ -143,6 +158,7 @@ TASKS = {
     "hoc": Task("hoc", "multi", "cls_hoc", ("train.tsv", None, "test.tsv"), read_hoc, "micro_f1"),
     "nicta_piboso": Task("nicta_piboso", "cls", "cls_nicta_piboso", ("train.txt", "dev.txt", "test.txt"), read_nicta,
                          "macro_f1"),
+    "ddi": Task("ddi", "cls", "re_ddi", ("train.tsv", "dev.tsv", "test.tsv"), read_ddi, "macro_f1"),
     "pubmedqa": Task("pubmedqa", "cls", "qa_pubmedqa", ("train.jsonl", "dev.jsonl", "test.jsonl"), read_pubmedqa,
                      "accuracy"),
     "conll2003": Task("conll2003", "ner", "gen_ner_conll2003", ("eng.train", "eng.testa", "eng.testb"),
