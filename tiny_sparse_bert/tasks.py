@@ -121,9 +121,9 @@ def read_ddi(path):
     examples = []
     with open(path, encoding="utf-8") as f:
         for n, line in enumerate(f, 1):
-            parts = line.rstrip("\n").split("\t")
             if n == 1 or not line.strip():
                 continue
+            parts = line.rstrip("\n").split("\t")
             if len(parts) != 9 or not parts[1] or not parts[8].strip():
                 raise ValueError(f"{path}:{n}: expected 9 tab-separated columns: pair_id, label, ..., sentence_masked")
             examples.append((parts[8], None, parts[1]))
